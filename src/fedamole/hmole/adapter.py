@@ -1,0 +1,187 @@
+"""Inject HMoLE into a model and drive it: the client's architecture, its trainable state, and
+swapping states in and out so one frozen backbone serves many simulated clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedamole.federation.types import Architecture, StateDict
+from fedamole.hmole.keys import expert_key, parse_key, router_key, shared_key, state_keys
+from fedamole.hmole.layer import EmbeddingSums, HMoLELinear, RoutingContext, lora_uniform_
+
+ALL_LINEAR = "all-linear"
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers that may be adapted: everything but the output head, as PEFT does."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Full names of the linear modules matched by name suffixes (or 'all-linear')."""
+    linear = _linear_modules(model)
+    if targets == ALL_LINEAR:
+        return list(linear)
+    if isinstance(targets, str):
+        targets = [targets]
+    available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if unknown:
+        raise ValueError(
+            f"hmole.target_modules: no linear module matches {unknown}; "
+            f"linear modules in this model: {available} (or use 'all-linear')"
+        )
+    return [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+class HMoLEAdapter:
+    """Handle on a model whose target linears were replaced by :class:`HMoLELinear`."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, HMoLELinear], context: RoutingContext):
+        self.model = model
+        self.layers = layers
+        self.context = context
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def modules(self) -> list[str]:
+        """Names of the adapted modules, in model order."""
+        return list(self.layers)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layers.values())).rank
+
+    @property
+    def architecture(self) -> Architecture:
+        return {name: list(layer.expert_ids) for name, layer in self.layers.items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in _adapter_params(layer)]
+
+    # ----------------------------------------------------------------- architecture and state
+    def set_architecture(self, architecture: Architecture) -> None:
+        """Give every module its client-specific expert set without touching the backbone."""
+        missing = set(self.layers) - set(architecture)
+        extra = set(architecture) - set(self.layers)
+        if missing or extra:
+            raise ValueError(
+                f"architecture does not match the adapted modules: "
+                f"missing {sorted(missing)[:3]}, unknown {sorted(extra)[:3]}"
+            )
+        for name, ids in architecture.items():
+            self.layers[name].set_experts(ids)
+
+    def state(self) -> StateDict:
+        """The client's trainable state (local experts, shared expert, router) as detached copies."""
+        out: StateDict = {}
+        for name, layer in self.layers.items():
+            for i, e in enumerate(layer.expert_ids):
+                out[expert_key(name, e, "A")] = layer.expert_A[i].detach().clone()
+                out[expert_key(name, e, "B")] = layer.expert_B[i].detach().clone()
+            out[shared_key(name, "A")] = layer.shared_A.detach().clone()
+            out[shared_key(name, "B")] = layer.shared_B.detach().clone()
+            out[router_key(name)] = layer.router.weight.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_state(self, state: StateDict) -> None:
+        """Load every tensor the current architecture needs; all must be present with the right shape."""
+        needed = set(self.state_keys())
+        missing = needed - set(state)
+        if missing:
+            raise KeyError(f"state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for key in needed:
+            self._tensor_for(key).copy_(state[key])
+
+    def state_keys(self) -> list[str]:
+        return state_keys(self.architecture)
+
+    def _tensor_for(self, key: str) -> Tensor:
+        info = parse_key(key)
+        layer = self.layers[info.module]
+        if info.kind == "router":
+            return layer.router.weight
+        if info.kind == "shared":
+            return layer.shared_A if info.part == "A" else layer.shared_B
+        row = layer.expert_ids.index(info.expert)
+        return (layer.expert_A if info.part == "A" else layer.expert_B)[row]
+
+    def init_global_state(self, num_experts: int, seed: int) -> StateDict:
+        """Fresh server-side state for all N_e experts of every module (SPEC 2 init): A and the
+        router Kaiming-uniform, B = 0, each expert independently, from one seeded generator."""
+        gen = torch.Generator().manual_seed(seed)
+        out: StateDict = {}
+        for name, layer in self.layers.items():
+            r, d_in, d_out = layer.rank, layer.in_features, layer.out_features
+            for e in range(num_experts):
+                out[expert_key(name, e, "A")] = lora_uniform_(torch.empty(r, d_in), gen)
+                out[expert_key(name, e, "B")] = torch.zeros(d_out, r)
+            out[shared_key(name, "A")] = lora_uniform_(torch.empty(r, d_in), gen)
+            out[shared_key(name, "B")] = torch.zeros(d_out, r)
+            out[router_key(name)] = lora_uniform_(torch.empty(r, d_in), gen)
+        return out
+
+    # ----------------------------------------------------------------- losses and embeddings
+    def load_balancing_loss(self) -> Tensor:
+        """Sum over modules of the last training forward's L_lb (0 if none was recorded)."""
+        losses = self.context.lb_losses
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    @contextmanager
+    def collecting_embeddings(self) -> Iterator[dict[str, EmbeddingSums]]:
+        """While active, every forward adds its token sums of W_tok x and A_e x per module."""
+        self.context.embeddings = {}
+        try:
+            yield self.context.embeddings
+        finally:
+            self.context.embeddings = None
+
+
+def _adapter_params(layer: HMoLELinear) -> list[nn.Parameter]:
+    return [layer.expert_A, layer.expert_B, layer.shared_A, layer.shared_B, layer.router.weight]
+
+
+def _capture_token_mask(context: RoutingContext):
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        context.token_mask = kwargs.get("attention_mask")
+        context.lb_losses.clear()
+
+    return hook
+
+
+def inject_hmole(
+    model: nn.Module,
+    target_modules: list[str] | str = ("q_proj", "v_proj"),
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    top_k: int = 2,
+) -> HMoLEAdapter:
+    """Freeze ``model`` and replace each target linear with an :class:`HMoLELinear` in place."""
+    if rank <= 0:
+        raise ValueError(f"hmole.rank must be a positive integer, got {rank}")
+    targets = resolve_targets(model, list(target_modules) if not isinstance(target_modules, str) else target_modules)
+    model.requires_grad_(False)
+    context = RoutingContext()
+    layers: dict[str, HMoLELinear] = {}
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        layer = HMoLELinear(base, name, context, rank, alpha, dropout, top_k)
+        layer.to(device=base.weight.device)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    model.register_forward_pre_hook(_capture_token_mask(context), with_kwargs=True)
+    return HMoLEAdapter(model, layers, context)

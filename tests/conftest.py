@@ -1,0 +1,24 @@
+"""Shared fixtures: the tiny random Llama and the shared data samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedamole.models import load_base_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny random Llama and its byte-level tokenizer (frozen, eval mode)."""
+    return load_base_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data samples not found at {SHARED_DATA} (../shared/data beside the repo)")
+    return SHARED_DATA
