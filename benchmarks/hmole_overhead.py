@@ -59,7 +59,9 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     lora_params = [p for p in lora_model.parameters() if p.requires_grad]
     timers = {
-        "hmole": _step_timer(base, adapter.trainable_parameters(), batch, adapter.load_balancing_loss),
+        "hmole": _step_timer(
+            base, adapter.trainable_parameters(), batch, adapter.load_balancing_loss
+        ),
         "lora": _step_timer(lora_model, lora_params, batch, lambda: 0.0),
     }
     times: dict[str, list[float]] = {name: [] for name in timers}
@@ -69,14 +71,20 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(elapsed)
 
-    print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
-    print(f"settings: model={args.model} fp32 batch={args.batch}x{args.seq} r=8 targets=q_proj,v_proj "
-          f"experts={args.experts} top_k=2 steps={args.steps} (+{args.warmup} warm-up)")
+    print(
+        f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"settings: model={args.model} fp32 batch={args.batch}x{args.seq} r=8 targets=q_proj,v_proj "
+        f"experts={args.experts} top_k=2 steps={args.steps} (+{args.warmup} warm-up)"
+    )
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, median in medians.items():
-        print(f"{name:>5}: median step {median * 1000:.0f} ms "
-              f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f})")
+        print(
+            f"{name:>5}: median step {median * 1000:.0f} ms "
+            f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f})"
+        )
     print(f"hmole/lora step time ratio: {medians['hmole'] / medians['lora']:.2f}")
 
 

@@ -18,7 +18,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("smollm2-135m", description="smollm2-135m, tiny-random-llama, a hub id or a folder")
+    name: str = Field(
+        "smollm2-135m", description="smollm2-135m, tiny-random-llama, a hub id or a folder"
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_length: int = Field(192, gt=8, description="examples longer than this (tokens) are dropped")
 
@@ -48,7 +50,9 @@ class DataConfig(_Section):
 
 
 class HMoLEConfig(_Section):
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"]
+    )
     num_experts: int = Field(8, ge=1, description="N_e domain experts per adapted module")
     rank: int = Field(8, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0)

@@ -51,28 +51,32 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeni
     return model, tokenizer
 
 
-def tiny_random_llama(seed: int = 0, vocab_size: int = 512) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def tiny_random_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A 2-layer random Llama (hidden 64) with a byte-level tokenizer, built in code for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_tokenizer(models, pre_tokenizers, decoders, Tokenizer)
+    )
+    tokenizer.add_special_tokens({"eos_token": "</s>", "pad_token": "<pad>", "bos_token": "<s>"})
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer(models, pre_tokenizers, decoders, Tokenizer))
-    tokenizer.add_special_tokens({"eos_token": "</s>", "pad_token": "<pad>", "bos_token": "<s>"})
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.bos_token_id = tokenizer.bos_token_id
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, getattr(config, name))
     return model, tokenizer
 
 
@@ -86,7 +90,9 @@ def _byte_tokenizer(models, pre_tokenizers, decoders, Tokenizer):  # noqa: N803
     return tok
 
 
-def load_base_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base_model(
+    name: str = DEFAULT_MODEL, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return a frozen, eval-mode base model and its tokenizer (with a pad token)."""
     torch_dtype = _DTYPES[dtype]
     if name == DEFAULT_MODEL:
@@ -122,7 +128,9 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
             AutoTokenizer.from_pretrained(name),
         )
     except (OSError, ValueError) as exc:
-        where = "local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
+        where = (
+            "local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
+        )
         tried.append(f"{where} id {name!r}: {str(exc).splitlines()[0]}")
     raise ModelNotFoundError(
         f"cannot load model {name!r}. Tried:\n  - built-in names: {DEFAULT_MODEL}, {TINY_MODEL}\n  - "

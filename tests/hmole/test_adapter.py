@@ -77,7 +77,7 @@ def test_shared_backbone_swaps_clients_like_separate_models(tiny_model):
 
     shared = inject_hmole(model, dropout=0.0)
     for _ in range(2):  # swap back and forth: nothing of the other client may linger
-        for arch, (state, logits) in zip((arch_a, arch_b), separate):
+        for arch, (state, logits) in zip((arch_a, arch_b), separate, strict=True):
             shared.set_architecture(arch)
             shared.load_state(state)
             with torch.no_grad():

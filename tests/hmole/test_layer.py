@@ -79,7 +79,7 @@ def test_forward_matches_sparse_top_k_sum():
     ids, weights = layer.route(x)
     expected = layer.base(x) + layer.scaling * x @ layer.shared_A.T @ layer.shared_B.T
     for t in range(5):
-        for e, w in zip(ids[t].tolist(), weights[t]):
+        for e, w in zip(ids[t].tolist(), weights[t], strict=True):
             i = layer.expert_ids.index(e)
             expected[t] += w * layer.scaling * layer.expert_B[i] @ (layer.expert_A[i] @ x[t])
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
@@ -94,7 +94,9 @@ def test_load_balancing_loss_by_hand_and_ignores_padding():
     # without token 3: P = (0.4, 0.4, 0.2), f = (0.5, 0.5, 0) -> 3 * (0.2 + 0.2) = 1.2
     assert load_balancing_loss(probs, top_idx, mask).item() == pytest.approx(1.2)
     padded = torch.cat([probs[:2], torch.tensor([[0.0, 0.0, 1.0]])])
-    assert load_balancing_loss(padded, torch.tensor([[0], [1], [2]]), mask).item() == pytest.approx(1.2)
+    assert load_balancing_loss(padded, torch.tensor([[0], [1], [2]]), mask).item() == pytest.approx(
+        1.2
+    )
 
 
 def test_model_lb_loss_ignores_padding_tokens(tiny_model):

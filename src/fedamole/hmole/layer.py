@@ -114,14 +114,18 @@ class HMoLELinear(nn.Module):
             raise RuntimeError(f"{self.name}: no local experts; call set_architecture first")
         r = self.rank
         flat = x.reshape(-1, self.in_features).to(self.shared_A.dtype)
-        stacked_A = torch.cat([self.shared_A.unsqueeze(0), self.expert_A]).reshape(-1, self.in_features)
+        stacked_A = torch.cat([self.shared_A.unsqueeze(0), self.expert_A]).reshape(
+            -1, self.in_features
+        )
         projected = self.dropout(flat) @ stacked_A.T  # (T, (E+1) r): A_s drop(x), A_e drop(x)
         keys = self._keys(flat, projected)  # (T, E, r), no dropout
         query = self.router(flat)  # (T, r)
         probs, top_idx, top_w = self._route(keys, query)
         gates = torch.zeros_like(probs).scatter(-1, top_idx, top_w)
         gates = torch.cat([gates.new_ones(gates.shape[0], 1), gates], dim=-1)  # shared weight 1
-        mixed = (projected.view(-1, n_experts + 1, r) * gates.unsqueeze(-1)).reshape(flat.shape[0], -1)
+        mixed = (projected.view(-1, n_experts + 1, r) * gates.unsqueeze(-1)).reshape(
+            flat.shape[0], -1
+        )
         stacked_B = torch.cat([self.shared_B.unsqueeze(0), self.expert_B]).transpose(1, 2)
         update = (mixed @ stacked_B.reshape(-1, self.out_features)) * self.scaling
         self._record(x.shape[:-1], probs, top_idx, keys, query)
@@ -151,7 +155,9 @@ class HMoLELinear(nn.Module):
             return projected[:, self.rank :].view(-1, n_experts, self.rank)
         return (flat @ self.expert_A.reshape(-1, self.in_features).T).view(-1, n_experts, self.rank)
 
-    def _record(self, leading: torch.Size, probs: Tensor, top_idx: Tensor, keys: Tensor, query: Tensor) -> None:
+    def _record(
+        self, leading: torch.Size, probs: Tensor, top_idx: Tensor, keys: Tensor, query: Tensor
+    ) -> None:
         mask = self.context.mask_for(leading)
         if self.training and torch.is_grad_enabled():
             self.context.lb_losses.append(load_balancing_loss(probs, top_idx, mask))

@@ -1,0 +1,27 @@
+"""The one record type every data source is converted into, and the error raised for bad data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """An instruction-tuning example.
+
+    `label` is the category/task/class used to partition data over clients and to report;
+    `choices` are the answer options of a classification example (scored by loss, not generated);
+    examples sharing a `group` (e.g. an SNLI premise) are never put in different clients or splits.
+    """
+
+    instruction: str
+    input: str
+    output: str
+    label: str
+    choices: tuple[str, ...] | None = None
+    group: str | None = None
+    source: str = ""
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file, the line/row and what to do."""
