@@ -1,0 +1,74 @@
+"""A readable local training loop shared by FedAMoLE and the baselines: a fixed number of Adam
+steps over shuffled batches, next-token loss on response tokens plus an optional auxiliary loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fedamole.config import OptimConfig
+from fedamole.data.tokenize import collate
+
+Batch = dict[str, Tensor]
+StepCallback = Callable[[int, float], None]
+
+
+def round_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """A seed per (run, round, client), so a resumed run replays exactly the same randomness."""
+    return (seed * 1_000_003 + round_idx * 10_007 + client_id) % (2**63 - 1)
+
+
+def shuffled_batches(
+    encoded: Sequence[dict[str, list[int]]],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> Iterator[Batch]:
+    """Endless epochs of shuffled batches; a client with fewer examples than a batch repeats them."""
+    if not encoded:
+        raise ValueError("no training examples to draw batches from")
+    while True:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield collate([encoded[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def fixed_batches(
+    encoded: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int
+) -> list[Batch]:
+    return [
+        collate(list(encoded[i : i + batch_size]), pad_id)
+        for i in range(0, len(encoded), batch_size)
+    ]
+
+
+def train_steps(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float,
+    optim: OptimConfig,
+    aux_loss: Callable[[], Tensor] | None = None,
+    on_step: StepCallback | None = None,
+) -> float:
+    """Run ``steps`` Adam steps on ``params``; returns the mean language-modelling loss."""
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
+    model.train()
+    total = 0.0
+    for step in range(steps):
+        batch = next(batches)
+        lm_loss = model(**batch).loss
+        loss = lm_loss + optim.lb_weight * aux_loss() if aux_loss is not None else lm_loss
+        loss.backward()
+        if optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += lm_loss.item()
+        if on_step is not None:
+            on_step(step + 1, lm_loss.item())
+    model.eval()
+    return total / steps

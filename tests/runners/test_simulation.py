@@ -1,0 +1,148 @@
+"""The in-process runner end to end on the tiny random Llama: outputs, kill-and-resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedamole.config import ConfigError, load_config
+from fedamole.data.example import DataError
+from fedamole.rsea.solver import InfeasibleAssignmentError
+from fedamole.runners.simulation import RunDirError, run_simulation
+
+TINY = [
+    "model.name=tiny-random-llama",
+    "model.max_length=512",
+    "data.synthetic_per_task=10",
+    "data.min_client_size=8",
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "federation.local_steps=2",
+    "federation.batch_size=2",
+    "hmole.num_experts=4",
+    "eval.max_new_tokens=3",
+    "eval.batch_size=16",
+]
+
+
+def tiny_config(out: Path, *extra: str):
+    return load_config(None, [*TINY, f"output.dir={out}", *extra])
+
+
+def _metrics_of(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "wall_time_s"}
+
+
+def test_two_round_three_client_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    summary = run_simulation(tiny_config(out))
+    assert (out / "config.yaml").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 3 * 2  # rounds x clients x (val, test)
+    assert {r["split"] for r in records} == {"val", "test"}
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and "train_loss" in r for r in records)
+    for rnd in (0, 1):
+        doc = json.loads((out / "assignments" / f"round_{rnd:03d}.json").read_text())
+        assert set(doc["clients"]) == {"0", "1", "2"}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["rounds"] == 2 and set(on_disk["per_client"]) == {"0", "1", "2"}
+    assert _metrics_of(on_disk) == _metrics_of(summary)
+    for cid in range(3):
+        folder = out / "clients" / str(cid)
+        arch = json.loads((folder / "architecture.json").read_text())["architecture"]
+        state = load_file(str(folder / "adapter.safetensors"))
+        experts = {k for k in state if ".experts." in k}
+        assert len(experts) == 2 * sum(len(ids) for ids in arch.values())
+    assert (out / "plots" / "metric_per_round.png").stat().st_size > 0
+    assert (out / "plots" / "experts_heatmap.png").stat().st_size > 0
+
+
+def test_killed_run_resumes_to_the_same_summary(tmp_path):
+    extra = ["federation.rounds=3"]
+    reference = run_simulation(tiny_config(tmp_path / "reference", *extra))
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedamole.cli", "run", "--out", str(out)]
+    for item in [*TINY, *extra]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.safetensors").exists():
+            assert proc.poll() is None, "run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid round 1, at whatever point it has reached
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists()
+
+    resumed = run_simulation(tiny_config(out, *extra), resume=True)
+    assert _metrics_of(resumed) == _metrics_of(reference)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "done"
+    run_simulation(tiny_config(out, "federation.rounds=1"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ([], RunDirError, "already exists"),
+        (
+            ["data.source=jsonl", "data.path=/nonexistent/x.jsonl"],
+            (DataError, RunDirError),
+            "x.jsonl",
+        ),
+        (["hmole.num_experts=1"], InfeasibleAssignmentError, "num_experts"),
+    ],
+)
+def test_bad_input_fails_early_and_leaves_run_untouched(finished_run, overrides, error, message):
+    before = _snapshot(finished_run)
+    with pytest.raises(error, match=message):
+        run_simulation(tiny_config(finished_run, "federation.rounds=1", *overrides))
+    assert _snapshot(finished_run) == before
+
+
+def test_missing_data_file_error_names_file_before_model_loads(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl"):
+        run_simulation(
+            tiny_config(tmp_path / "new", "data.source=jsonl", f"data.path={tmp_path}/nope.jsonl")
+        )
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_refuses_different_settings(finished_run):
+    before = _snapshot(finished_run)
+    with pytest.raises(RunDirError, match="federation.local_steps"):
+        run_simulation(
+            tiny_config(finished_run, "federation.rounds=1", "federation.local_steps=5"),
+            resume=True,
+        )
+    assert _snapshot(finished_run) == before
+
+
+def test_unknown_and_bad_config_keys_are_named():
+    with pytest.raises(ConfigError, match="federation.roundz: unknown key"):
+        load_config(None, ["federation.roundz=2"])
+    with pytest.raises(ConfigError, match="hmole.rank"):
+        load_config(None, ["hmole.rank=0"])
