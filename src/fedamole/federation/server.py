@@ -49,7 +49,10 @@ def assignment_bounds(cfg: Config) -> tuple[int, int]:
     """(k_min, M) for the configured variant; FedAMoLE-H pins every client to the same count."""
     if cfg.rsea.mode == "homogeneous":
         return homogeneous_bounds(
-            cfg.hmole.num_experts, cfg.federation.num_clients, cfg.rsea.clients_per_expert
+            cfg.hmole.num_experts,
+            cfg.federation.num_clients,
+            cfg.rsea.clients_per_expert,
+            min_experts=cfg.min_experts,
         )
     return cfg.min_experts, cfg.rsea.max_experts
 

@@ -1,0 +1,97 @@
+"""Server side of RSEA (SPEC 4): turn the clients' embeddings into expert preferences and those
+into next round's per-client architectures.
+
+Per module m: eps_bar_e = mean of eps_{e,c} over the clients c that reported expert e,
+Lambda = Eps_bar T^T / sqrt(r) (N_e x N_c, row c of T is client c's data embedding t_c), and
+P = softmax of Lambda along the client axis, so every expert's row is a distribution over clients.
+
+Missing data, by design:
+- A client that did not report this round should be passed with its last known embeddings by
+  the caller (the server keeps them); this module only sees one mapping.
+- A client index with no embeddings at all (or none for a module) gets a zero data embedding,
+  i.e. the same logit 0 from every expert: no expert prefers or avoids it.
+- An expert nobody reported gets a uniform row, so it goes wherever the constraints need it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from fedamole.federation.types import Architecture, ClientEmbeddings
+from fedamole.rsea.solver import architectures_from_assignment, solve_assignments
+
+
+def _vector(value: Tensor, rank: int, what: str) -> np.ndarray:
+    """One embedding as float64 numpy, checked to have length r."""
+    array = value.detach().to("cpu").double().numpy().reshape(-1)
+    if array.shape != (rank,):
+        raise ValueError(
+            f"{what}: expected an embedding of length r={rank}, got {tuple(value.shape)}"
+        )
+    return array
+
+
+def _module_embeddings(
+    embeddings: Mapping[int, ClientEmbeddings],
+    module: str,
+    num_experts: int,
+    num_clients: int,
+    rank: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T (N_c, r), sum of eps per expert (N_e, r), reporters per expert (N_e,)) of one module."""
+    data = np.zeros((num_clients, rank))
+    sums = np.zeros((num_experts, rank))
+    counts = np.zeros(num_experts, dtype=np.int64)
+    for client, emb in embeddings.items():
+        if not 0 <= client < num_clients:
+            raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
+        if module in emb.data:
+            data[client] = _vector(emb.data[module], rank, f"client {client}, {module}, data")
+        for expert, eps in emb.experts.get(module, {}).items():
+            if not 0 <= expert < num_experts:
+                raise ValueError(
+                    f"client {client}, {module}: expert id {expert} outside 0..{num_experts - 1}"
+                )
+            sums[expert] += _vector(eps, rank, f"client {client}, {module}, expert {expert}")
+            counts[expert] += 1
+    return data, sums, counts
+
+
+def expert_preferences(
+    embeddings: Mapping[int, ClientEmbeddings],
+    modules: Sequence[str],
+    num_experts: int,
+    num_clients: int,
+    rank: int,
+) -> np.ndarray:
+    """P (n_modules, N_e, N_c): each expert's softmax preference over clients, per module."""
+    prefs = np.empty((len(modules), num_experts, num_clients))
+    for index, module in enumerate(modules):
+        data, sums, counts = _module_embeddings(embeddings, module, num_experts, num_clients, rank)
+        eps_bar = sums / np.maximum(counts, 1)[:, None]
+        logits = eps_bar @ data.T / math.sqrt(rank)
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        prefs[index] = weights / weights.sum(axis=1, keepdims=True)
+        prefs[index, counts == 0] = 1.0 / num_clients
+    return prefs
+
+
+def assign_from_embeddings(
+    embeddings: Mapping[int, ClientEmbeddings],
+    modules: Sequence[str],
+    num_experts: int,
+    num_clients: int,
+    rank: int,
+    clients_per_expert: int,
+    min_experts: int,
+    max_experts: int,
+) -> list[Architecture]:
+    """Next round's architecture of every client (client c -> module -> sorted expert ids)."""
+    prefs = expert_preferences(embeddings, modules, num_experts, num_clients, rank)
+    assignment = solve_assignments(prefs, clients_per_expert, min_experts, max_experts)
+    return architectures_from_assignment(assignment, modules)

@@ -1,0 +1,115 @@
+"""Server-side RSEA scoring: Lambda = Eps_bar T^T / sqrt(r), softmax over clients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedamole.federation.types import ClientEmbeddings
+from fedamole.rsea.scoring import assign_from_embeddings, expert_preferences
+
+
+def _emb(
+    data: dict[str, list[float]], experts: dict[str, dict[int, list[float]]]
+) -> ClientEmbeddings:
+    return ClientEmbeddings(
+        data={m: torch.tensor(v) for m, v in data.items()},
+        experts={m: {e: torch.tensor(v) for e, v in es.items()} for m, es in experts.items()},
+    )
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_two_experts_two_clients_by_hand() -> None:
+    """eps_bar_0 = mean([2, 0], [0, 0]) = [1, 0], eps_bar_1 = [0, 4]; t_0 = [1, 0], t_1 = [0, 1].
+    Lambda = [[1, 0], [0, 4]] / sqrt(2); a two-way softmax is a sigmoid of the difference."""
+    embeddings = {
+        0: _emb({"q": [1.0, 0.0]}, {"q": {0: [2.0, 0.0]}}),
+        1: _emb({"q": [0.0, 1.0]}, {"q": {0: [0.0, 0.0], 1: [0.0, 4.0]}}),
+    }
+    prefs = expert_preferences(embeddings, ["q"], num_experts=2, num_clients=2, rank=2)
+    root2 = math.sqrt(2.0)
+    expected = [
+        [_sigmoid(1 / root2), _sigmoid(-1 / root2)],
+        [_sigmoid(-4 / root2), _sigmoid(4 / root2)],
+    ]
+    np.testing.assert_allclose(prefs[0], expected, rtol=1e-12)
+
+
+def test_rows_are_distributions_over_clients() -> None:
+    gen = torch.Generator().manual_seed(0)
+    modules = ["a", "b", "c"]
+    embeddings = {
+        c: ClientEmbeddings(
+            data={m: torch.randn(4, generator=gen) * 3 for m in modules},
+            experts={
+                m: {e: torch.randn(4, generator=gen) for e in range(c, 6, 2)} for m in modules
+            },
+        )
+        for c in range(5)
+    }
+    prefs = expert_preferences(embeddings, modules, num_experts=6, num_clients=5, rank=4)
+    assert prefs.shape == (3, 6, 5)
+    assert (prefs > 0).all()
+    np.testing.assert_allclose(prefs.sum(axis=2), 1.0, rtol=1e-12)
+
+
+def test_expert_nobody_reported_gets_a_uniform_row() -> None:
+    embeddings = {
+        0: _emb({"q": [5.0, 0.0]}, {"q": {0: [1.0, 0.0]}}),
+        1: _emb({"q": [-5.0, 0.0]}, {"q": {0: [1.0, 0.0]}}),
+        2: _emb({"q": [0.0, 3.0]}, {}),
+    }
+    prefs = expert_preferences(embeddings, ["q"], num_experts=2, num_clients=3, rank=2)
+    np.testing.assert_allclose(prefs[0, 1], [1 / 3, 1 / 3, 1 / 3])
+    assert prefs[0, 0].argmax() == 0
+
+
+def test_client_without_embeddings_gets_zero_logits() -> None:
+    """Client 1 never reported: its logit is 0 for every expert, between 0's +1 and 2's -1."""
+    embeddings = {
+        0: _emb({"q": [1.0]}, {"q": {0: [1.0]}}),
+        2: _emb({"q": [-1.0]}, {"q": {0: [1.0]}}),
+    }
+    prefs = expert_preferences(embeddings, ["q"], num_experts=1, num_clients=3, rank=1)
+    weights = np.exp([1.0, 0.0, -1.0])
+    np.testing.assert_allclose(prefs[0, 0], weights / weights.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "message"),
+    [
+        ({0: _emb({"q": [1.0, 2.0, 3.0]}, {})}, "length r=2"),
+        ({5: _emb({"q": [1.0, 2.0]}, {})}, "client index 5"),
+        ({0: _emb({"q": [1.0, 2.0]}, {"q": {9: [1.0, 0.0]}})}, "expert id 9"),
+    ],
+)
+def test_malformed_embeddings_are_rejected(
+    embeddings: dict[int, ClientEmbeddings], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        expert_preferences(embeddings, ["q"], num_experts=2, num_clients=2, rank=2)
+
+
+def test_assignment_follows_clear_preferences() -> None:
+    """Expert 0 only likes client 0, expert 1 only client 1: each holds its favourite."""
+    embeddings = {
+        0: _emb({"q": [10.0, 0.0]}, {"q": {0: [10.0, 0.0], 1: [0.0, 10.0]}}),
+        1: _emb({"q": [0.0, 10.0]}, {"q": {0: [10.0, 0.0], 1: [0.0, 10.0]}}),
+    }
+    archs = assign_from_embeddings(
+        embeddings,
+        ["q"],
+        num_experts=2,
+        num_clients=2,
+        rank=2,
+        clients_per_expert=1,
+        min_experts=1,
+        max_experts=1,
+    )
+    assert archs == [{"q": [0]}, {"q": [1]}]
