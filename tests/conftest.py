@@ -20,5 +20,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data samples not found at {SHARED_DATA} (../shared/data beside the repo)")
+        pytest.skip(
+            f"shared data samples not found at {SHARED_DATA} (../shared/data beside the repo)"
+        )
     return SHARED_DATA

@@ -1,8 +1,10 @@
-"""The `fedamole` command line: run a federation, ask a client's personalised model."""
+"""The `fedamole` command line: run a federation, compare methods, ask a client's model."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    for noisy in ("httpx", "urllib3", "matplotlib", "filelock"):
+    for noisy in ("httpx", "urllib3", "matplotlib", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -55,18 +57,65 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="continue the run in --out from its last checkpoint")
     ] = False,
+    method: Annotated[
+        str | None,
+        typer.Option(help="fedamole (default, as rsea.mode says), a variant or a baseline"),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run FedAMoLE in one process (clients in sequence on one shared backbone)."""
-    from fedamole.data.example import DataError
-    from fedamole.rsea.solver import InfeasibleAssignmentError
-    from fedamole.runners.simulation import RunDirError, run_simulation
+    """Run FedAMoLE (or another method) in one process (clients in sequence on one backbone)."""
+    from fedamole.compare import parse_methods
+    from fedamole.runners.simulation import run_simulation
 
     _setup_logging(verbose)
     overrides = list(set_ or []) + ([f"output.dir={out}"] if out else [])
-    try:
+    with _user_errors():
+        names = parse_methods(method, "--method") if method else [None]
+        if len(names) != 1:
+            raise ConfigError(f"--method takes one method, got {method!r} (compare runs several)")
         cfg = load_config(config, overrides)
-        run_simulation(cfg, resume=resume, console=console)
+        run_simulation(cfg, resume=resume, console=console, method=names[0])
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="comparison directory")],
+    config: ConfigOpt = None,
+    methods: Annotated[
+        str,
+        typer.Option(help="comma-separated methods, e.g. fedamole,fedit,local"),
+    ] = "local,fedit,fedit-ft,ffa-lora,feddpa,fedamole,fedamole-r,fedamole-h",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds, one run each")] = "42",
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Compare methods on identical splits, seeds and budgets; finished runs are skipped."""
+    from fedamole.compare import compare as run_comparison
+    from fedamole.compare import parse_methods
+
+    _setup_logging(verbose)
+    with _user_errors():
+        names = parse_methods(methods)
+        seed_list = _parse_seeds(seeds)
+        run_comparison(config, names, seed_list, list(set_ or []), out, console)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers, e.g. 42,62") from None
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors in what the user asked for end the command with their message, no traceback."""
+    from fedamole.data.example import DataError
+    from fedamole.rsea.solver import InfeasibleAssignmentError
+    from fedamole.runners.simulation import RunDirError
+
+    try:
+        yield
     except (ConfigError, DataError, RunDirError, InfeasibleAssignmentError) as exc:
         raise _fail(str(exc)) from None
 
@@ -79,11 +128,20 @@ def generate(
     input_: Annotated[str, typer.Option("--input", help="optional input/context")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="generation length")] = 64,
 ) -> None:
-    """Answer a prompt with one client's personalised model from a run."""
-    from fedamole.personalised import load_client_model
+    """Answer a prompt with one client's personalised model from a FedAMoLE run."""
+    from fedamole.baselines import FEDAMOLE_VARIANTS
+    from fedamole.personalised import load_client_model, load_run_config
+    from fedamole.runners.simulation import run_method
 
     _setup_logging(False)
     try:
+        method = run_method(run_dir, load_run_config(run_dir))
+        if method not in FEDAMOLE_VARIANTS:
+            raise ConfigError(
+                f"{run_dir} is a {method!r} run; generate answers with FedAMoLE client models. "
+                f"Its client models are clients/<id>/adapter.safetensors (described by "
+                f"adapter.json), loadable with fedamole.baselines.lora.load_client_model"
+            )
         answer = load_client_model(run_dir, client).answer(prompt, input_, max_new_tokens)
     except (ConfigError, FileNotFoundError, KeyError) as exc:
         raise _fail(str(exc)) from None

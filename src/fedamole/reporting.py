@@ -110,6 +110,20 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
 
 
+def save_client_model(
+    run_dir: Path, client_id: int, state: StateDict, json_name: str, doc: dict[str, Any]
+) -> Path:
+    """A client's personalised model: ``clients/<id>/adapter.safetensors`` plus a JSON (``doc``)
+    that says how to rebuild it, each written atomically."""
+    folder = run_dir / "clients" / str(client_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "adapter.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(folder / "adapter.safetensors")
+    atomic_write_text(folder / json_name, json.dumps(doc, indent=1))
+    return folder
+
+
 def save_client_adapter(
     run_dir: Path,
     client_id: int,
@@ -117,15 +131,9 @@ def save_client_adapter(
     architecture: Architecture,
     info: dict[str, Any],
 ) -> Path:
-    """A client's personalised adapter: safetensors weights + a JSON describing its architecture."""
-    folder = run_dir / "clients" / str(client_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "adapter.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(folder / "adapter.safetensors")
+    """A FedAMoLE client's adapter: safetensors weights + a JSON describing its architecture."""
     doc = {"client": client_id, "architecture": architecture, **info}
-    atomic_write_text(folder / "architecture.json", json.dumps(doc, indent=1))
-    return folder
+    return save_client_model(run_dir, client_id, state, "architecture.json", doc)
 
 
 def _layer_of(module: str) -> int:
@@ -134,9 +142,9 @@ def _layer_of(module: str) -> int:
 
 
 def plot_run(
-    run_dir: Path, records: list[dict[str, Any]], architectures: list[Architecture]
+    run_dir: Path, records: list[dict[str, Any]], architectures: list[Architecture] | None
 ) -> None:
-    """plots/metric_per_round.png and plots/experts_heatmap.png."""
+    """plots/metric_per_round.png, and plots/experts_heatmap.png for methods with experts."""
     folder = run_dir / "plots"
     folder.mkdir(exist_ok=True)
     metric = primary_name(records[0])
@@ -159,7 +167,12 @@ def plot_run(
     fig.tight_layout()
     fig.savefig(folder / "metric_per_round.png", dpi=100)
     plt.close(fig)
+    if architectures:
+        _plot_experts(folder / "experts_heatmap.png", architectures)
 
+
+def _plot_experts(path: Path, architectures: list[Architecture]) -> None:
+    """How many experts each client holds per layer: the heterogeneity RSEA produces."""
     layers = sorted({_layer_of(m) for m in architectures[0]})
     counts = np.zeros((len(architectures), len(layers)))
     for c, arch in enumerate(architectures):
@@ -175,5 +188,5 @@ def plot_run(
     )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(folder / "experts_heatmap.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

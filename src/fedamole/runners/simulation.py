@@ -1,11 +1,13 @@
-"""In-process FedAMoLE: one process, one shared frozen backbone, clients in sequence, client expert
-states swapped in and out (SPEC 3). Writes every output of a run and checkpoints each round."""
+"""In-process federation: one process, one shared frozen backbone, clients in sequence, client
+states swapped in and out (SPEC 3). Drives FedAMoLE or any :class:`FederatedMethod` through the
+same round, writes every output of a run and checkpoints each round."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +15,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedamole.baselines import FedAMoLE, FederatedMethod, get_method
+from fedamole.baselines.method import save_fedamole_adapter
 from fedamole.checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
-from fedamole.federation.client import ClientRuntime, run_client_round
-from fedamole.federation.server import (
-    ServerState,
-    check_assignment_settings,
-    client_payload,
-    complete_round,
-    init_server_state,
+from fedamole.federation.server import ServerState
+from fedamole.federation.types import (
+    ClientPayload,
+    ClientUpdate,
+    StateDict,
+    payload_nbytes,
+    update_nbytes,
 )
-from fedamole.federation.types import ClientPayload, ClientUpdate, payload_nbytes, update_nbytes
-from fedamole.personalised import CONFIG_FILE, build_hmole_model
+from fedamole.personalised import CONFIG_FILE
 from fedamole.reporting import (
     metric_records,
     plot_run,
-    primary_name,
     read_metrics,
-    save_client_adapter,
     summarise,
-    write_assignment,
     write_metrics,
     write_summary,
 )
 
 log = logging.getLogger("fedamole.simulation")
+
+METHOD_FILE = "method.json"
+PRIVATE = "private/"  # checkpoint keys of the clients' private states
 
 
 class RunDirError(RuntimeError):
@@ -123,32 +126,65 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def resolve_method(method: FederatedMethod | str | None, cfg: Config) -> FederatedMethod:
+    """A method object from a name; None means FedAMoLE as the config's ``rsea.mode`` says."""
+    if method is None:
+        return FedAMoLE.for_config(cfg)
+    return get_method(method) if isinstance(method, str) else method
+
+
+def run_method(run_dir: Path, cfg: Config) -> str:
+    """The method a run directory was made with (runs from before methods existed: FedAMoLE)."""
+    path = run_dir / METHOD_FILE
+    if path.is_file():
+        return json.loads(path.read_text())["method"]
+    return FedAMoLE.for_config(cfg).name
+
+
+def check_run_method(run_dir: Path, cfg: Config, method: str) -> None:
+    """On resume, refuse to continue a run of another method."""
+    saved = run_method(run_dir, cfg)
+    if saved != method:
+        raise RunDirError(
+            f"--resume: {run_dir} is a {saved!r} run, not {method!r}; resume it with its method"
+        )
+
+
 def run_simulation(
-    cfg: Config, resume: bool = False, console: Console | None = None
+    cfg: Config,
+    resume: bool = False,
+    console: Console | None = None,
+    method: FederatedMethod | str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) FedAMoLE in this process; returns the summary written to summary.json."""
+    """Run (or resume) a federated method in this process (default: FedAMoLE as configured);
+    returns the summary written to summary.json."""
     console = console or Console()
     started = time.perf_counter()
-    check_assignment_settings(cfg)
+    method = resolve_method(method, cfg)
+    cfg = method.configure(cfg)
+    method.check(cfg)
     splits = prepare_client_splits(cfg)
     run_dir = check_run_dir(cfg, resume)
-    adapter, tokenizer = build_hmole_model(cfg)
+    if resume:
+        check_run_method(run_dir, cfg, method.name)
+    handle, tokenizer = method.build(cfg)
     clients = [
-        ClientRuntime(
-            adapter, tokenizer, cfg, encode_client(cid, s, tokenizer, cfg.model.max_length)
+        method.runtime(
+            handle, tokenizer, cfg, encode_client(cid, s, tokenizer, cfg.model.max_length)
         )
         for cid, s in enumerate(splits)
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / CHECKPOINT).exists():
-        state, extra = load_checkpoint(run_dir)
+        state, private, extra = _load_state(run_dir)
+        for cid, runtime in enumerate(clients):
+            method.restore_private_state(runtime, private.get(cid, {}))
         records = [r for r in read_metrics(run_dir) if r["round"] < state.round]
         console.print(f"resuming {run_dir} at round {state.round}")
     else:
         atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-        state = init_server_state(
-            cfg, adapter.modules, adapter.init_global_state(cfg.hmole.num_experts, cfg.seed)
-        )
+        atomic_write_text(run_dir / METHOD_FILE, json.dumps({"method": method.name}))
+        state = method.init_state(cfg, handle)
         extra, records = {"wall_time_s": 0.0}, []
     previous_time = extra["wall_time_s"]
 
@@ -161,76 +197,94 @@ def run_simulation(
         )
         steps = progress.add_task("local steps", total=cfg.federation.local_steps, info="")
         while state.round < cfg.federation.rounds:
-            updates = _run_round(state, clients, run_dir, records, progress, steps)
-            state = complete_round(cfg, state, updates)
+            state, updates = _run_round(method, state, clients, run_dir, records, progress, steps)
             write_metrics(run_dir, records)
-            save_checkpoint(run_dir, state, {"wall_time_s": elapsed()})
+            private = {cid: method.private_state(runtime) for cid, runtime in enumerate(clients)}
+            _save_state(run_dir, state, private, {"wall_time_s": elapsed()})
             progress.console.print(round_table(state.round - 1, updates))
             progress.advance(rounds)
 
     summary = summarise(records, elapsed())
     write_summary(run_dir, summary)
-    plot_run(run_dir, records, _final_architectures(run_dir, len(clients)))
+    plot_run(run_dir, records, method.final_architectures(run_dir, len(clients)))
     console.print(summary_table(summary))
     console.print(f"outputs in {run_dir}/ (summary.json, metrics.jsonl, clients/, plots/)")
     return summary
 
 
+def _save_state(
+    run_dir: Path, state: ServerState, private: dict[int, StateDict], extra: dict[str, Any]
+) -> None:
+    """One atomic checkpoint of the server state and every client's private state (kept under
+    ``private/<client>/`` beside the server's store)."""
+    folded = {
+        f"{PRIVATE}{cid}/{key}": value
+        for cid, tensors in private.items()
+        for key, value in tensors.items()
+    }
+    save_checkpoint(run_dir, replace(state, store={**state.store, **folded}), extra)
+
+
+def _load_state(run_dir: Path) -> tuple[ServerState, dict[int, StateDict], dict[str, Any]]:
+    state, extra = load_checkpoint(run_dir)
+    store: StateDict = {}
+    private: dict[int, StateDict] = {}
+    for key, value in state.store.items():
+        if key.startswith(PRIVATE):
+            cid, name = key.removeprefix(PRIVATE).split("/", 1)
+            private.setdefault(int(cid), {})[name] = value
+        else:
+            store[key] = value
+    return replace(state, store=store), private, extra
+
+
 def _run_round(
+    method: FederatedMethod,
     state: ServerState,
-    clients: list[ClientRuntime],
+    clients: list[Any],
     run_dir: Path,
     records: list[dict],
     progress: Progress,
     steps_task,
-) -> list[ClientUpdate]:
-    """Every client trains in sequence on the shared backbone; the last round saves adapters."""
+) -> tuple[ServerState, list[ClientUpdate]]:
+    """Every client trains in sequence on the shared backbone, the server completes the round,
+    models that exist only after aggregation are evaluated; the last round saves client models."""
     cfg = clients[0].cfg
-    write_assignment(run_dir, state.round, state.architectures)
-    updates = []
+    method.start_round(run_dir, state)
+    payloads, updates = [], []
     for runtime in clients:
         cid = runtime.data.client_id
-        payload = client_payload(state, cid)
+        payload = method.payload(state, cid)
         progress.reset(
             steps_task,
             total=cfg.federation.local_steps,
             description=f"round {state.round} client {cid}",
             info="",
         )
-        update = run_client_round(
+        update = method.client_round(
             payload,
             runtime,
             on_step=lambda step, loss: progress.update(
                 steps_task, completed=step, info=f"loss {loss:.3f}"
             ),
         )
+        payloads.append(payload)
         updates.append(update)
+    new_state = method.complete_round(cfg, state, updates)
+    for payload, update, runtime in zip(payloads, updates, clients, strict=True):
+        update.metrics.update(method.evaluate_after_round(new_state, runtime))
         records += metric_records(
-            state.round, cid, update.metrics, update_nbytes(update), payload_nbytes(payload)
+            state.round,
+            update.client_id,
+            update.metrics,
+            update_nbytes(update),
+            payload_nbytes(payload),
         )
         if state.round == cfg.federation.rounds - 1:
-            _save_adapter(run_dir, payload, update, cfg)
-    return updates
+            method.save_client(run_dir, new_state, payload, update, runtime)
+    return new_state, updates
 
 
 def _save_adapter(run_dir: Path, payload: ClientPayload, update: ClientUpdate, cfg: Config) -> None:
-    metric = primary_name({k.removeprefix("test_"): v for k, v in update.metrics.items()})
-    save_client_adapter(
-        run_dir,
-        update.client_id,
-        update.weights,
-        payload.architecture,
-        {
-            "round": payload.round,
-            "base_model": cfg.model.name,
-            "hmole": cfg.hmole.model_dump(mode="json"),
-            "test_" + metric: update.metrics["test_" + metric],
-        },
-    )
-
-
-def _final_architectures(run_dir: Path, num_clients: int) -> list[dict[str, list[int]]]:
-    return [
-        json.loads((run_dir / "clients" / str(c) / "architecture.json").read_text())["architecture"]
-        for c in range(num_clients)
-    ]
+    """FedAMoLE's client adapter as every runner saves it (the Flower server uses it too)."""
+    save_fedamole_adapter(run_dir, payload, update, cfg)

@@ -1,0 +1,148 @@
+"""FedDPA (Yang et al., NeurIPS 2024, "Dual-Personalizing Adapter for Federated Foundation
+Models"), FedDPA-T variant, in a faithful but simple form on two named PEFT LoRA adapters.
+
+- A **global** adapter is trained on every client and averaged by the server (FedAvg), exactly
+  like FedIT's LoRA.
+- A **local** adapter is trained on the client's data and never leaves it: it is private state,
+  kept out of the upload and therefore out of aggregation.
+- Each round a client first trains its local adapter with the received global adapter frozen
+  and both active at weight 1/2 (the paper's fixed training mix), then trains the global adapter
+  alone, starting again from the received one, for the same number of steps. Both phases use
+  the run's shared batches and seeds, so FedDPA does twice the local steps of the other methods
+  (as in the paper, where both adapters get the full local epochs).
+- Inference (instance-wise dynamic weighting): for a test input x, the local adapter's weight is
+  ``alpha(x) = 1/2 * mean_k cos(h(x), h(a_k))`` clipped to [0, 1/2], where h is the last-layer
+  hidden state of the last prompt token with only the local adapter active and a_1..a_K are K = 5
+  of the client's training prompts (a fixed, seeded choice per client; the paper samples them per
+  input); the global adapter gets ``1 - alpha(x)``. The client's model is evaluated after
+  aggregation: the averaged global adapter plus its own local adapter.
+
+Simplifications, all deliberate: the local adapter is trained from round 0 (the paper's code waits
+one round), anchors are fixed per client, and the per-instance weights make evaluation run one
+example at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedamole.baselines.lora import LoraMethod, LoraRuntime, Phase, adapter_key
+from fedamole.data.example import DataError, Example
+from fedamole.data.prompts import render_prompt
+from fedamole.data.tokenize import encode_example
+from fedamole.evaluation import evaluate_examples
+
+GLOBAL, LOCAL = "global", "local"
+TRAIN_MIX = 0.5  # weight of each adapter while the local adapter trains
+MAX_LOCAL_WEIGHT = 0.5  # alpha(x) = MAX_LOCAL_WEIGHT * mean cosine similarity, clipped
+NUM_ANCHORS = 5
+
+
+class FedDPA(LoraMethod):
+    """Global adapter federated, local adapter private, mixed per instance at inference."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "feddpa",
+            shared=adapter_key(GLOBAL),
+            phases=(
+                Phase({GLOBAL: TRAIN_MIX, LOCAL: 1 - TRAIN_MIX}, adapter_key(LOCAL)),
+                Phase({GLOBAL: 1.0}, adapter_key(GLOBAL)),
+            ),
+            evaluate_aggregated=True,
+            adapters=(GLOBAL, LOCAL),
+        )
+
+    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> dict[str, float]:
+        """Each example with its own local weight alpha(x); metrics averaged over examples, as
+        :func:`evaluate_examples` scores the whole split (choices only if every example has them)."""
+        cfg = runtime.cfg
+        kept = [
+            ex
+            for ex in examples
+            if encode_example(runtime.tokenizer, ex, cfg.model.max_length) is not None
+        ]
+        if not kept:
+            raise DataError(
+                f"none of {len(examples)} evaluation examples fits in model.max_length="
+                f"{cfg.model.max_length}"
+            )
+        if not all(ex.choices for ex in kept):
+            kept = [replace(ex, choices=None) for ex in kept]
+        scores = []
+        for example, weight in zip(kept, local_weights(runtime, kept).tolist(), strict=True):
+            with runtime.handle.mixing({GLOBAL: 1 - weight, LOCAL: weight}):
+                scores.append(
+                    evaluate_examples(
+                        runtime.handle.model,
+                        runtime.tokenizer,
+                        [example],
+                        cfg.eval,
+                        cfg.model.max_length,
+                    )
+                )
+        return _mean_scores(scores)
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "inference": (
+                f"h = W0 x + (1 - a) * global + a * local, a = {MAX_LOCAL_WEIGHT} * mean cosine "
+                f"similarity (clipped to [0, {MAX_LOCAL_WEIGHT}]) of the prompt's last-token "
+                f"last-layer state (local adapter only) to {NUM_ANCHORS} of the client's "
+                "training prompts"
+            )
+        }
+
+
+def local_weights(runtime: LoraRuntime, examples: list[Example]) -> Tensor:
+    """alpha(x) per example from its similarity to the client's anchor training prompts."""
+    anchors = anchor_examples(runtime)
+    prompts = [render_prompt(ex) for ex in [*anchors, *examples]]
+    with runtime.handle.mixing({LOCAL: 1.0}):
+        states = last_token_states(runtime, prompts)
+    similarity = F.cosine_similarity(
+        states[len(anchors) :, None], states[None, : len(anchors)], dim=-1
+    )
+    return (MAX_LOCAL_WEIGHT * similarity.mean(dim=1)).clamp(0.0, MAX_LOCAL_WEIGHT)
+
+
+def anchor_examples(runtime: LoraRuntime) -> list[Example]:
+    """K training examples of this client, the same every round (seeded by run and client)."""
+    train = runtime.data.splits.train
+    rng = np.random.default_rng([runtime.cfg.seed, runtime.data.client_id])
+    picks = rng.choice(len(train), size=min(NUM_ANCHORS, len(train)), replace=False)
+    return [train[i] for i in sorted(picks.tolist())]
+
+
+@torch.no_grad()
+def last_token_states(runtime: LoraRuntime, prompts: list[str]) -> Tensor:
+    """Last-layer hidden state of each prompt's last token (left-padded batches, eval mode)."""
+    model, tokenizer = runtime.handle.model, runtime.tokenizer
+    model.eval()
+    previous, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        states = []
+        size = runtime.cfg.eval.batch_size
+        for start in range(0, len(prompts), size):
+            batch = tokenizer(prompts[start : start + size], return_tensors="pt", padding=True)
+            batch = batch.to(next(model.parameters()).device)
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+            states.append(hidden[:, -1].float())
+    finally:
+        tokenizer.padding_side = previous
+    return torch.cat(states)
+
+
+def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Per-example scores to split scores: means, with the example count as ``num_examples``."""
+    names = [k for k in scores[0] if k != "num_examples"]
+    return {
+        "num_examples": float(len(scores)),
+        **{name: float(np.mean([s[name] for s in scores])) for name in names},
+    }

@@ -1,0 +1,181 @@
+"""Each method's update rule on the tiny random Llama, driven through the FederatedMethod seam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from fedamole.baselines import FederatedMethod, get_method
+from fedamole.baselines.feddpa import MAX_LOCAL_WEIGHT, local_weights
+from fedamole.baselines.lora import load_client_model
+from fedamole.config import Config, load_config
+from fedamole.data.pipeline import encode_client, prepare_client_splits
+from fedamole.federation.server import ServerState
+from fedamole.federation.types import ClientUpdate, payload_nbytes, update_nbytes
+from fedamole.personalised import CONFIG_FILE
+
+TINY = [
+    "model.name=tiny-random-llama",
+    "model.max_length=512",
+    "data.synthetic_per_task=10",
+    "data.min_client_size=8",
+    "federation.num_clients=3",
+    "federation.local_steps=2",
+    "federation.batch_size=2",
+    "hmole.num_experts=6",
+    "eval.max_new_tokens=3",
+    "eval.batch_size=16",
+]
+
+
+@dataclass
+class Federation:
+    """A method with its clients, stepped round by round as the runner steps it."""
+
+    cfg: Config
+    method: FederatedMethod
+    handle: Any
+    clients: list[Any]
+    state: ServerState
+    traffic: int = 0
+
+    def play(self, clients: list[Any] | None = None) -> list[ClientUpdate]:
+        """One round for ``clients`` (default: all); the server state moves on."""
+        updates = []
+        for runtime in clients or self.clients:
+            payload = self.method.payload(self.state, runtime.data.client_id)
+            update = self.method.client_round(payload, runtime)
+            self.traffic += payload_nbytes(payload) + update_nbytes(update)
+            updates.append(update)
+        self.state = self.method.complete_round(self.cfg, self.state, updates)
+        return updates
+
+
+def federation(name: str, *extra: str) -> Federation:
+    method = get_method(name)
+    cfg = method.configure(load_config(None, [*TINY, *extra]))
+    handle, tokenizer = method.build(cfg)
+    clients = [
+        method.runtime(handle, tokenizer, cfg, encode_client(cid, s, tokenizer, 512))
+        for cid, s in enumerate(prepare_client_splits(cfg))
+    ]
+    return Federation(cfg, method, handle, clients, method.init_state(cfg, handle))
+
+
+def _mean(updates: list[ClientUpdate], key: str) -> torch.Tensor:
+    return torch.stack([u.weights[key] for u in updates]).mean(0)
+
+
+def test_fedit_aggregate_is_the_mean_of_client_loras_and_is_what_clients_are_scored_with():
+    fed = federation("fedit")
+    before = fed.state.store
+    updates = fed.play()
+    store = fed.state.store
+    assert set(store) == set(before) and any(".lora_A." in k for k in store)
+    assert not torch.equal(
+        updates[0].weights[next(iter(store))], updates[1].weights[next(iter(store))]
+    )
+    for key in store:
+        torch.testing.assert_close(store[key], _mean(updates, key))
+    assert not any(k.startswith("test_") for k in updates[0].metrics)  # scored after aggregation
+    metrics = fed.method.evaluate_after_round(fed.state, fed.clients[1])
+    assert "test_rougeL" in metrics
+    loaded = fed.handle.state()
+    assert all(torch.equal(loaded[k], store[k]) for k in store)
+
+
+def test_fedit_ft_scores_each_client_after_its_local_training():
+    fed = federation("fedit-ft")
+    updates = fed.play()
+    assert all("test_rougeL" in u.metrics for u in updates)
+    assert fed.method.evaluate_after_round(fed.state, fed.clients[0]) == {}
+
+
+def test_ffa_lora_never_changes_a_and_only_b_travels():
+    fed = federation("ffa-lora")
+    initial = fed.method.initial
+    a_keys = [k for k in initial if ".lora_A." in k]
+    for _ in range(2):
+        updates = fed.play()
+        assert all(".lora_B." in k for u in updates for k in u.weights)
+        for runtime in fed.clients:
+            assert sorted(runtime.private) == sorted(a_keys)
+            assert all(torch.equal(runtime.private[k], initial[k]) for k in a_keys)
+    assert all(".lora_B." in k for k in fed.state.store)
+    assert any(fed.state.store[k].abs().sum() > 0 for k in fed.state.store)  # B did learn
+
+
+def test_local_never_communicates_and_each_client_depends_only_on_its_own_data():
+    fed = federation("local")
+    for _ in range(2):
+        fed.play()
+    assert fed.traffic == 0 and not fed.method.communicates and fed.state.store == {}
+    together = fed.clients[0].private
+
+    alone = federation("local")  # same client 0, the other clients never train
+    for _ in range(2):
+        alone.play(alone.clients[:1])
+    assert together.keys() == alone.clients[0].private.keys()
+    assert all(torch.equal(together[k], alone.clients[0].private[k]) for k in together)
+    assert not all(torch.equal(together[k], fed.clients[1].private[k]) for k in together)
+
+
+def test_feddpa_keeps_the_local_adapter_out_of_aggregation():
+    fed = federation("feddpa")
+    initial = fed.method.initial
+    updates = fed.play()
+    global_keys = {k for k in initial if k.startswith("global/")}
+    assert global_keys and all(set(u.weights) == global_keys for u in updates)
+    assert set(fed.state.store) == global_keys
+    for key in global_keys:
+        torch.testing.assert_close(fed.state.store[key], _mean(updates, key))
+    local_b = next(k for k in initial if k.startswith("local/") and ".lora_B." in k)
+    privates = [runtime.private for runtime in fed.clients]
+    assert all(set(p) == set(initial) - global_keys for p in privates)
+    assert not torch.equal(privates[0][local_b], initial[local_b])  # the local adapter trained
+    assert not torch.equal(privates[0][local_b], privates[1][local_b])  # ...on its own data
+
+    metrics = fed.method.evaluate_after_round(fed.state, fed.clients[0])
+    assert metrics["test_num_examples"] == len(fed.clients[0].data.splits.test)
+    weights = local_weights(fed.clients[0], fed.clients[0].data.splits.test)
+    assert ((weights >= 0) & (weights <= MAX_LOCAL_WEIGHT)).all()
+
+
+def test_fedamole_r_keeps_its_round_zero_assignment():
+    fed = federation("fedamole-r")
+    assert fed.cfg.rsea.mode == "random"
+    round_zero = fed.state.architectures
+    for _ in range(2):
+        fed.play()
+        assert fed.state.architectures == round_zero
+
+
+def test_fedamole_h_gives_every_client_the_same_expert_count():
+    fed = federation("fedamole-h")
+    for _ in range(2):
+        counts = {
+            sum(len(experts) for experts in arch.values()) for arch in fed.state.architectures
+        }
+        per_module = {tuple(len(arch[m]) for m in arch) for arch in fed.state.architectures}
+        assert len(counts) == 1 and len(per_module) == 1
+        fed.play()
+
+
+@pytest.mark.parametrize("name", ["ffa-lora", "feddpa"])
+def test_saved_client_model_loads_back(tmp_path, name):
+    fed = federation(name)
+    payload = fed.method.payload(fed.state, 0)
+    update = fed.method.client_round(payload, fed.clients[0])
+    fed.state = fed.method.complete_round(fed.cfg, fed.state, [update])
+    update.metrics |= fed.method.evaluate_after_round(fed.state, fed.clients[0])
+    (tmp_path / CONFIG_FILE).write_text(fed.cfg.to_yaml())
+    fed.method.save_client(tmp_path, fed.state, payload, update, fed.clients[0])
+
+    expected = {**fed.clients[0].private, **fed.state.store}
+    method, handle, _ = load_client_model(tmp_path, 0)
+    loaded = handle.state()
+    assert method.name == name and loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)

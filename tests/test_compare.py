@@ -1,0 +1,102 @@
+"""`fedamole compare` end to end on the tiny model, and resuming runs of a baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import fedamole.compare
+import fedamole.runners.simulation as simulation
+from fedamole.cli import app
+from fedamole.config import load_config
+
+TINY = [
+    "model.name=tiny-random-llama",
+    "model.max_length=512",
+    "data.synthetic_per_task=10",
+    "data.min_client_size=8",
+    "federation.num_clients=2",
+    "federation.rounds=1",
+    "federation.local_steps=1",
+    "federation.batch_size=2",
+    "hmole.num_experts=4",
+    "eval.max_new_tokens=3",
+    "eval.batch_size=16",
+]
+
+
+def _compare(out) -> None:
+    args = ["compare", "--methods", "local,fedamole", "--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_compare_writes_summary_table_and_plot_then_skips_finished_runs(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    _compare(out)
+    doc = json.loads((out / "summary.json").read_text())
+    assert set(doc["methods"]) == {"local", "fedamole"} and doc["round"] == "selected"
+    run = json.loads((out / "fedamole" / "seed42" / "summary.json").read_text())
+    fedamole_row = doc["methods"]["fedamole"]
+    assert fedamole_row["mean"] == run["mean"]["selected"][doc["metric"]]
+    assert set(fedamole_row["per_client"]) == {"0", "1"} and fedamole_row["bytes_per_round"] > 0
+    assert doc["methods"]["local"]["bytes_per_round"] == 0
+    assert "| local |" in (out / "table.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 0
+
+    calls = []
+    real = fedamole.compare.run_simulation
+    monkeypatch.setattr(
+        fedamole.compare,
+        "run_simulation",
+        lambda cfg, **kw: (
+            calls.append((cfg.output.dir.parent.name, kw["resume"])) or real(cfg, **kw)
+        ),
+    )
+    (out / "summary.json").unlink()
+    _compare(out)
+    assert calls == [] and (out / "summary.json").is_file()
+
+    (out / "local" / "seed42" / "summary.json").unlink()  # as if killed before it finished
+    _compare(out)
+    assert calls == [("local", True)]
+
+
+def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatch):
+    """FedDPA's local adapters live only on the clients: a resumed run must get them back."""
+    tiny = [*TINY, "federation.rounds=2"]
+    simulation.run_simulation(
+        load_config(None, [*tiny, f"output.dir={tmp_path / 'ref'}"]), method="feddpa"
+    )
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # right after round 0's checkpoint
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(simulation, "round_table", killed)
+        with pytest.raises(KeyboardInterrupt):
+            simulation.run_simulation(
+                load_config(None, [*tiny, f"output.dir={out}"]), method="feddpa"
+            )
+    assert not (out / "summary.json").exists()
+    simulation.run_simulation(
+        load_config(None, [*tiny, f"output.dir={out}"]), resume=True, method="feddpa"
+    )
+    for cid in (0, 1):
+        ref = load_file(str(tmp_path / "ref" / "clients" / str(cid) / "adapter.safetensors"))
+        got = load_file(str(out / "clients" / str(cid) / "adapter.safetensors"))
+        assert ref.keys() == got.keys() and all((ref[k] == got[k]).all() for k in ref)
+
+
+def test_resume_refuses_a_run_of_another_method(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, [*TINY, f"output.dir={out}"])
+    simulation.run_simulation(cfg, method="local")
+    with pytest.raises(simulation.RunDirError, match="'local' run"):
+        simulation.run_simulation(cfg, resume=True, method="fedit")
