@@ -1,0 +1,235 @@
+"""A real Flower deployment on 127.0.0.1 for tests: one SuperLink, SuperNodes and the `flwr` CLI,
+each in its own process group on free ports, all killed at teardown, also when a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+CONNECTION = "test"
+TINY_YAML = """\
+model: {name: tiny-random-llama, max_length: 512}
+data: {synthetic_per_task: 10, min_client_size: 8}
+federation: {num_clients: 3, rounds: 2, local_steps: 2, batch_size: 2}
+hmole: {num_experts: 4}
+eval: {max_new_tokens: 3, batch_size: 16}
+"""  # the TINY settings of tests/runners/test_simulation.py
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it), so parallel runs do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Deployment:
+    """Processes of one test federation; ``stop`` ends every process group it started."""
+
+    connection = CONNECTION  # the `flwr` CLI's name for this deployment's SuperLink
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "flwr-home"  # FLWR_HOME: the CLI's connections, installed apps
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.home.mkdir()
+        # The app folder `flwr run` bundles: this project's pyproject.toml is all the FAB needs,
+        # the code being the installed fedamole. (Bundling the repo itself works too, but walks
+        # every file under it, .venv included: ~10 s per run.)
+        self.app = root / "app"
+        self.app.mkdir()
+        shutil.copy(REPO / "pyproject.toml", self.app)
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._log_files: list[IO[str]] = []
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        self._log_files.append(log)
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def start_superlink(self, certs: Path | None = None, auth: bool = False) -> None:
+        tls = (
+            ["--ssl-ca-certfile", f"{certs}/ca.crt", "--ssl-certfile", f"{certs}/server.pem"]
+            + ["--ssl-keyfile", f"{certs}/server.key"]
+            if certs
+            else ["--insecure"]
+        )
+        self._start(
+            "superlink",
+            [f"{BIN}/flower-superlink", *tls, "--host", "127.0.0.1", "--port", str(self.port)]
+            + ["--disable-runtime-dependency-installation"]
+            + (["--enable-supernode-auth"] if auth else []),
+        )
+        self.write_connection(certs)
+        self.wait_for_log("superlink", "Uvicorn running on")
+
+    def write_connection(self, certs: Path | None) -> None:
+        """The SuperLink connection the `flwr` CLI uses (flwr 1.41 keeps it in FLWR_HOME)."""
+        trust = f'root-certificates = "{certs}/ca.crt"' if certs else "insecure = true"
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
+        )
+
+    def start_supernode(
+        self, partition: int, partitions: int, certs: Path | None = None, key: Path | None = None
+    ) -> str:
+        """A SuperNode for client ``partition``; returns its process name (new for a restart)."""
+        starts = sum(n.startswith(f"supernode-{partition}-") for n in self.processes)
+        name = f"supernode-{partition}-{starts}"
+        tls = ["--root-certificates", f"{certs}/ca.crt"] if certs else ["--insecure"]
+        self._start(
+            name,
+            [f"{BIN}/flower-supernode", *tls, "--superlink", self.address]
+            + ["--port", str(free_port()), "--max-wait-time", "60"]
+            + (["--auth-supernode-private-key", str(key)] if key else [])
+            + ["--node-config", f"partition-id={partition} num-partitions={partitions}"],
+        )
+        return name
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """The `flwr` CLI against this deployment's connection; output captured."""
+        return subprocess.run(
+            [f"{BIN}/flwr", *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start_run(self, run_config: dict[str, object]) -> str:
+        """Submit the FedAMoLE app (`flwr run <app> test --stream -c ...`) in the background."""
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        self._start(
+            "run", [f"{BIN}/flwr", "run", str(self.app), CONNECTION, "--stream", "-c", overrides]
+        )
+        return "run"
+
+    def finish_run(self, timeout: float) -> str:
+        """Wait for the submitted run's log stream to end; return what it printed."""
+        proc = self.processes["run"]
+        proc.wait(timeout=timeout)
+        log = (self.logs / "run.log").read_text()
+        assert proc.returncode == 0, log
+        return log
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (self.logs / f"{name}.log").read_text():
+            assert self.processes[name].poll() is None, self.tail(name)
+            assert time.monotonic() < deadline, (
+                f"{name}: no {text!r} in {timeout} s\n{self.tail(name)}"
+            )
+            time.sleep(0.2)
+
+    def wait_until_online(self, count: int, timeout: float = 60) -> None:
+        """Until the SuperLink lists ``count`` online SuperNodes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+            nodes = json.loads(listed.stdout).get("nodes", []) if listed.returncode == 0 else []
+            if sum(n.get("status") == "online" for n in nodes) >= count:
+                return
+            assert time.monotonic() < deadline, f"{count} SuperNodes not online: {listed.stdout}"
+            time.sleep(0.5)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process with its whole group (SuperExec, ClientApp children): a crash."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        text = (self.logs / f"{name}.log").read_text().splitlines()
+        return f"--- {name} ---\n" + "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for proc in self.processes.values():  # children that outlived their leader
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for log in self._log_files:
+            log.close()
+
+
+@pytest.fixture
+def deployment(tmp_path, request) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path / "deployment")
+    try:
+        yield dep
+    finally:
+        dep.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print("\n".join(dep.tail(name) for name in dep.processes))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report to fixtures, so a failing test prints the process logs."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def certs(tmp_path) -> Path:
+    """Test CA, SuperLink certificate and 2 SuperNode key pairs from the README's script."""
+    out = tmp_path / "certificates"
+    script = REPO / "scripts" / "make_test_certs.py"
+    subprocess.run([sys.executable, str(script), str(out), "--nodes", "2"], check=True)
+    return out
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path

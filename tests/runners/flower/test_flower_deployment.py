@@ -1,0 +1,103 @@
+"""FedAMoLE on a real Flower deployment (SuperLink + SuperNodes on 127.0.0.1, `flwr run`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedamole.config import load_config
+from fedamole.hmole.keys import state_keys
+from fedamole.runners.simulation import run_simulation
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return sorted(
+        (json.loads(line) for line in lines), key=lambda r: (r["round"], r["client"], r["split"])
+    )
+
+
+def _without_time(summary_file: Path) -> dict:
+    summary = json.loads(summary_file.read_text())
+    summary.pop("wall_time_s")
+    return summary
+
+
+def test_flower_run_equals_the_in_process_run(deployment, tiny_yaml, tmp_path):
+    deployment.start_superlink()
+    for client in range(3):
+        deployment.start_supernode(client, 3)
+    out = tmp_path / "flower-run"
+    deployment.start_run(
+        {"config-file": str(tiny_yaml), "output.dir": str(out), "reply-timeout": 240.0}
+    )
+    log = deployment.finish_run(timeout=400)
+    assert "dropped" not in log
+
+    reference = tmp_path / "in-process"
+    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]))
+    assert _records(out) == _records(reference)  # per client and round: metrics, bytes up/down
+    assert _without_time(out / "summary.json") == _without_time(reference / "summary.json")
+    for name in ("round_000.json", "round_001.json"):
+        assert (out / "assignments" / name).read_text() == (
+            reference / "assignments" / name
+        ).read_text()
+    for tensors in (
+        "checkpoint.safetensors",
+        *(f"clients/{c}/adapter.safetensors" for c in range(3)),
+    ):
+        ours, theirs = load_file(str(out / tensors)), load_file(str(reference / tensors))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), tensors
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _experts_of(architecture: dict[str, list[int]]) -> list[str]:
+    return [k for k in state_keys(architecture) if ".experts." in k]
+
+
+def test_killed_supernode_is_dropped_then_rejoins(deployment, tiny_yaml, tmp_path):
+    # One holder per expert, so the experts of the killed client are trained by nobody else.
+    tiny_yaml.write_text(tiny_yaml.read_text() + "rsea: {clients_per_expert: 1}\n")
+    deployment.start_superlink()
+    nodes = [deployment.start_supernode(client, 2) for client in range(2)]
+    out = tmp_path / "flower-run"
+    deployment.start_run(
+        {
+            "config-file": str(tiny_yaml),
+            "output.dir": str(out),
+            "federation.num_clients": 2,
+            "federation.rounds": 3,
+            "reply-timeout": 60.0,
+        }
+    )
+    run_log = deployment.logs / "run.log"
+    _wait_for(lambda: "round 1: sending clients [0, 1]" in run_log.read_text(), "round 1")
+    after_round_0 = load_file(str(out / "checkpoint.safetensors"))
+    deployment.kill(nodes[1])  # SIGKILL, with its ClientApp: a crash mid-round
+    deployment.start_supernode(1, 2)  # the organisation restarts it; it rejoins as client 1
+    _wait_for(lambda: (out / "assignments" / "round_002.json").exists(), "round 2")
+    after_round_1 = load_file(str(out / "checkpoint.safetensors"))
+    log = deployment.finish_run(timeout=300)
+
+    assert "round 1: client 1 dropped from this round (" in log
+    assert log.count("is client 1") == 2  # the restarted SuperNode was recognised as client 1
+    rounds_of = {c: {r["round"] for r in _records(out) if r["client"] == c} for c in range(2)}
+    assert rounds_of == {0: {0, 1, 2}, 1: {0, 2}}
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+    held = json.loads((out / "assignments" / "round_001.json").read_text())["clients"]
+    for key in _experts_of(held["1"]):
+        assert torch.equal(after_round_1[f"store/{key}"], after_round_0[f"store/{key}"]), key
+    for key in _experts_of(held["0"]):
+        if key.endswith("lora_B"):  # trained by client 0, so they moved
+            assert not torch.equal(after_round_1[f"store/{key}"], after_round_0[f"store/{key}"])
