@@ -13,8 +13,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_every_shipped_config_validates():
     assert {p.stem for p in CONFIGS} >= {
-        "default", "paper", "natural_instructions", "dolly_dir0.1", "dolly_dir1.0",
-        "snli_dir0.1", "snli_dir1.0",
+        "default",
+        "paper",
+        "natural_instructions",
+        "dolly_dir0.1",
+        "dolly_dir1.0",
+        "snli_dir0.1",
+        "snli_dir1.0",
     }
     for path in CONFIGS:
         assert isinstance(load_config(path), Config), path
@@ -23,8 +28,12 @@ def test_every_shipped_config_validates():
 def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config(
         CONFIGS[0],
-        ["federation.rounds=7", "hmole.target_modules=[q_proj,k_proj]", f"data.path={tmp_path}",
-         "privacy.enabled=true"],
+        [
+            "federation.rounds=7",
+            "hmole.target_modules=[q_proj,k_proj]",
+            f"data.path={tmp_path}",
+            "privacy.enabled=true",
+        ],
     )
     assert cfg.federation.rounds == 7
     assert cfg.hmole.target_modules == ["q_proj", "k_proj"]

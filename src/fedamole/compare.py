@@ -182,7 +182,10 @@ def plot_comparison(path: Path, result: dict[str, Any]) -> None:
     colors = ["tab:orange" if n in FEDAMOLE_VARIANTS else "tab:blue" for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
     ax.bar(names, means, yerr=stds, color=colors, capsize=4)
-    ax.set(ylabel=f"test {result['metric']}", title=f"{result['metric']} per method ({HEADLINE})")
+    ax.set(
+        ylabel=f"test {result['metric']}",
+        title=f"validation-selected round; error bars: std over seeds {result['seeds']}",
+    )
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

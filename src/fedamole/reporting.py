@@ -70,8 +70,9 @@ def write_assignment(run_dir: Path, round_idx: int, architectures: list[Architec
 
 
 def summarise(records: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
-    """Per-client and mean test metrics at the last round and at each client's best-validation
-    round (selection never looks at test)."""
+    """Per-client and mean test metrics at the last round each client took part in and at its
+    best-validation round (selection never looks at test). A client dropped from the final round
+    (a deployment where its node was down) reports its latest round."""
     by_client: dict[int, dict[int, dict[str, dict]]] = {}
     for r in records:
         by_client.setdefault(r["client"], {}).setdefault(r["round"], {})[r["split"]] = r
@@ -81,10 +82,12 @@ def summarise(records: list[dict[str, Any]], wall_time_s: float) -> dict[str, An
     for cid, rounds in sorted(by_client.items()):
         best = max(sorted(rounds), key=lambda k: rounds[k]["val"][metric])
         per_client[str(cid)] = {
-            "last": _test_values(rounds[last_round]["test"]),
+            "last": _test_values(rounds[max(rounds)]["test"]) | {"round": max(rounds)},
             "selected": _test_values(rounds[best]["test"]) | {"round": best},
         }
-    names = [k for k in per_client[next(iter(per_client))]["last"] if k != "num_examples"]
+    names = [
+        k for k in per_client[next(iter(per_client))]["last"] if k not in ("num_examples", "round")
+    ]
     return {
         "metric": metric,
         "rounds": last_round + 1,

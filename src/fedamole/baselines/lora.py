@@ -50,7 +50,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.aggregation import aggregate
-from fedamole.baselines.method import FederatedMethod, test_metric_info
+from fedamole.baselines.method import FederatedMethod, primary_test_metric
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
@@ -339,7 +339,7 @@ class LoraMethod(FederatedMethod):
             ),
             "keys": "<adapter>/<PEFT state-dict key of that adapter>",
             **self.description(),
-            **test_metric_info(update.metrics),
+            **primary_test_metric(update.metrics),
         }
         weights = self.personal_state(state, update, runtime)
         save_client_model(run_dir, update.client_id, weights, ADAPTER_FILE, doc)

@@ -112,7 +112,7 @@ class FederatedMethod(ABC):
         return None
 
 
-def test_metric_info(metrics: dict[str, float]) -> dict[str, float]:
+def primary_test_metric(metrics: dict[str, float]) -> dict[str, float]:
     """``{"test_<primary metric>": value}`` for a saved client model's description."""
     name = primary_name({k.removeprefix("test_"): v for k, v in metrics.items()})
     return {f"test_{name}": metrics[f"test_{name}"]}
@@ -133,7 +133,7 @@ def save_fedamole_adapter(
         update.client_id,
         update.weights,
         payload.architecture,
-        info | test_metric_info(update.metrics),
+        info | primary_test_metric(update.metrics),
     )
 
 

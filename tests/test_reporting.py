@@ -1,0 +1,32 @@
+"""Run summaries: validation-selected rounds, and clients missing from the final round."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedamole.reporting import metric_records, summarise
+
+
+def _records(client, rnd, val, test):
+    metrics = {"val_rougeL": val, "test_rougeL": test, "train_loss": 1.0}
+    return metric_records(rnd, client, metrics, bytes_up=10, bytes_down=20)
+
+
+def test_selection_uses_validation_and_a_dropped_client_reports_its_latest_round():
+    records = (
+        _records(0, 0, val=0.2, test=0.9)
+        + _records(0, 1, val=0.5, test=0.1)
+        + _records(0, 2, val=0.4, test=0.3)
+        + _records(1, 0, val=0.3, test=0.6)
+        + _records(1, 1, val=0.1, test=0.2)  # client 1 missed round 2
+    )
+    summary = summarise(records, wall_time_s=1.0)
+    c0, c1 = summary["per_client"]["0"], summary["per_client"]["1"]
+    assert c0["selected"] == {"rougeL": 0.1, "round": 1}  # best val, not best test
+    assert c0["last"] == {"rougeL": 0.3, "round": 2}
+    assert c1["last"] == {"rougeL": 0.2, "round": 1}
+    assert c1["selected"] == {"rougeL": 0.6, "round": 0}
+    assert summary["mean"]["last"] == {"rougeL": pytest.approx(0.25)}
+    assert summary["mean"]["selected"] == {"rougeL": pytest.approx(0.35)}
+    assert summary["rounds"] == 3
+    assert summary["total_bytes_up"] == 50 and summary["total_bytes_down"] == 100
