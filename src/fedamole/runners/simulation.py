@@ -204,7 +204,7 @@ def run_simulation(
             progress.console.print(round_table(state.round - 1, updates))
             progress.advance(rounds)
 
-    summary = summarise(records, elapsed())
+    summary = {"method": method.name, **summarise(records, elapsed())}
     write_summary(run_dir, summary)
     plot_run(run_dir, records, method.final_architectures(run_dir, len(clients)))
     console.print(summary_table(summary))
