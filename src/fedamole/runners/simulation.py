@@ -16,13 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedamole.baselines import FedAMoLE, FederatedMethod, get_method
-from fedamole.baselines.method import save_fedamole_adapter
 from fedamole.checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
 from fedamole.federation.server import ServerState
 from fedamole.federation.types import (
-    ClientPayload,
     ClientUpdate,
     StateDict,
     payload_nbytes,
@@ -283,8 +281,3 @@ def _run_round(
         if state.round == cfg.federation.rounds - 1:
             method.save_client(run_dir, new_state, payload, update, runtime)
     return new_state, updates
-
-
-def _save_adapter(run_dir: Path, payload: ClientPayload, update: ClientUpdate, cfg: Config) -> None:
-    """FedAMoLE's client adapter as every runner saves it (the Flower server uses it too)."""
-    save_fedamole_adapter(run_dir, payload, update, cfg)
