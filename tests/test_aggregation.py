@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedamole.aggregation import RejectedUpdate, aggregate
-from fedamole.federation.types import ClientUpdate, StateDict
 from fedamole.hmole.keys import expert_key, router_key, shared_key
+from fedamole.types import ClientUpdate, StateDict
 
 E0A, E1A = expert_key("q", 0, "A"), expert_key("q", 1, "A")
 SHARED, ROUTER = shared_key("q", "A"), router_key("q")

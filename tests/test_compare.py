@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import fedamole.compare
-import fedamole.runners.simulation as simulation
+import fedamole.transports.in_process as in_process
 from fedamole.cli import app
 from fedamole.config import load_config
+from fedamole.reporting import RunDir, RunDirError
 
 TINY = [
     "model.name=tiny-random-llama",
@@ -70,22 +71,25 @@ def test_compare_writes_summary_table_and_plot_then_skips_finished_runs(tmp_path
 def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatch):
     """FedDPA's local adapters live only on the clients: a resumed run must get them back."""
     tiny = [*TINY, "federation.rounds=2"]
-    simulation.run_simulation(
+    in_process.run_simulation(
         load_config(None, [*tiny, f"output.dir={tmp_path / 'ref'}"]), method="feddpa"
     )
 
-    def killed(*args, **kwargs):
+    save = RunDir.save_checkpoint
+
+    def killed(run_dir, checkpoint):
+        save(run_dir, checkpoint)
         raise KeyboardInterrupt  # right after round 0's checkpoint
 
     out = tmp_path / "killed"
     with monkeypatch.context() as patch:
-        patch.setattr(simulation, "round_table", killed)
+        patch.setattr(RunDir, "save_checkpoint", killed)
         with pytest.raises(KeyboardInterrupt):
-            simulation.run_simulation(
+            in_process.run_simulation(
                 load_config(None, [*tiny, f"output.dir={out}"]), method="feddpa"
             )
     assert not (out / "summary.json").exists()
-    simulation.run_simulation(
+    in_process.run_simulation(
         load_config(None, [*tiny, f"output.dir={out}"]), resume=True, method="feddpa"
     )
     for cid in (0, 1):
@@ -97,6 +101,6 @@ def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatc
 def test_resume_refuses_a_run_of_another_method(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY, f"output.dir={out}"])
-    simulation.run_simulation(cfg, method="local")
-    with pytest.raises(simulation.RunDirError, match="'local' run"):
-        simulation.run_simulation(cfg, resume=True, method="fedit")
+    in_process.run_simulation(cfg, method="local")
+    with pytest.raises(RunDirError, match="'local' run"):
+        in_process.run_simulation(cfg, resume=True, method="fedit")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedamole.federation.types import ClientUpdate, StateDict
+from fedamole.types import ClientUpdate, StateDict
 
 logger = logging.getLogger("fedamole.aggregation")
 

@@ -1,47 +1,46 @@
-"""Atomic round checkpoints of the server state: one safetensors file, written then renamed, so a
-run killed at any moment resumes from the last complete round."""
+"""The round checkpoint as one safetensors file: the server state (store, embeddings, assignment,
+round, learning rate, participants), the private states of clients that live in the same process,
+and a few run figures. :class:`fedamole.reporting.RunDir` writes it atomically after each round,
+so a run killed at any moment resumes from its last complete round."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from fedamole.federation.server import ServerState
-from fedamole.federation.types import ClientEmbeddings
+from fedamole.federation.state import ServerState
+from fedamole.types import Architecture, ClientEmbeddings, StateDict
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+STORE, EMBEDDINGS, PRIVATE = "store/", "emb/", "private/"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+@dataclass
+class Checkpoint:
+    state: ServerState
+    client_states: dict[int, StateDict]  # private tensors of in-process clients
+    wall_time_s: float
 
 
-def _embedding_tensors(embeddings: dict[int, ClientEmbeddings]) -> dict:
+def _embedding_tensors(embeddings: dict[int, ClientEmbeddings]) -> StateDict:
     out = {}
     for cid, emb in embeddings.items():
         for module, vec in emb.data.items():
-            out[f"emb/{cid}/data/{module}"] = vec
+            out[f"{cid}/data/{module}"] = vec
         for module, experts in emb.experts.items():
             for e, vec in experts.items():
-                out[f"emb/{cid}/expert{e}/{module}"] = vec
+                out[f"{cid}/expert{e}/{module}"] = vec
     return out
 
 
-def _embeddings_from(tensors: dict) -> dict[int, ClientEmbeddings]:
+def _embeddings_from(tensors: StateDict) -> dict[int, ClientEmbeddings]:
     out: dict[int, ClientEmbeddings] = {}
     for key, vec in tensors.items():
-        if not key.startswith("emb/"):
-            continue
-        _, cid, kind, module = key.split("/", 3)
+        cid, kind, module = key.split("/", 2)
         emb = out.setdefault(int(cid), ClientEmbeddings(data={}, experts={}))
         if kind == "data":
             emb.data[module] = vec
@@ -50,34 +49,57 @@ def _embeddings_from(tensors: dict) -> dict[int, ClientEmbeddings]:
     return out
 
 
-def save_checkpoint(run_dir: Path, state: ServerState, extra: dict | None = None) -> None:
-    """Write the server state after a completed round (``state.round`` = next round to run)."""
-    tensors = {f"store/{k}": v.contiguous() for k, v in state.store.items()}
-    tensors.update(_embedding_tensors(state.embeddings))
+def _private_tensors(client_states: dict[int, StateDict]) -> StateDict:
+    return {
+        f"{PRIVATE}{cid}/{key}": value
+        for cid, tensors in client_states.items()
+        for key, value in tensors.items()
+    }
+
+
+def _private_from(tensors: StateDict) -> dict[int, StateDict]:
+    out: dict[int, StateDict] = {}
+    for key, value in tensors.items():
+        cid, name = key.split("/", 1)
+        out.setdefault(int(cid), {})[name] = value
+    return out
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Write to a temporary file, then rename: the old checkpoint stays whole until the new one is."""
+    state = checkpoint.state
+    tensors = {f"{STORE}{k}": v for k, v in state.store.items()}
+    tensors.update({EMBEDDINGS + k: v for k, v in _embedding_tensors(state.embeddings).items()})
+    tensors.update(_private_tensors(checkpoint.client_states))
     metadata = {
         "round": str(state.round),
         "lr": repr(state.lr),
-        "architectures": json.dumps(state.architectures),
-        "extra": json.dumps(extra or {}),
+        "participants": json.dumps(state.participants),
+        "architectures": json.dumps({str(c): a for c, a in state.architectures.items()}),
+        "wall_time_s": repr(checkpoint.wall_time_s),
     }
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, run_dir / CHECKPOINT)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir: Path) -> tuple[ServerState, dict]:
-    from safetensors import safe_open
+def _with_prefix(tensors: StateDict, prefix: str) -> StateDict:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
-    path = run_dir / CHECKPOINT
+
+def read_checkpoint(path: Path) -> Checkpoint:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    tensors = load_file(str(path))
-    store = {k.removeprefix("store/"): v for k, v in tensors.items() if k.startswith("store/")}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
+    architectures: dict[str, Architecture] = json.loads(metadata["architectures"])
     state = ServerState(
         round=int(metadata["round"]),
-        store=store,
-        architectures=json.loads(metadata["architectures"]),
+        store=_with_prefix(tensors, STORE),
         lr=float(metadata["lr"]),
-        embeddings=_embeddings_from(tensors),
+        participants=json.loads(metadata["participants"]),
+        architectures={int(c): a for c, a in architectures.items()},
+        embeddings=_embeddings_from(_with_prefix(tensors, EMBEDDINGS)),
     )
-    return state, json.loads(metadata["extra"])
+    return Checkpoint(
+        state, _private_from(_with_prefix(tensors, PRIVATE)), float(metadata["wall_time_s"])
+    )

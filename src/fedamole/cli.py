@@ -65,7 +65,7 @@ def run(
 ) -> None:
     """Run FedAMoLE (or another method) in one process (clients in sequence on one backbone)."""
     from fedamole.compare import parse_methods
-    from fedamole.runners.simulation import run_simulation
+    from fedamole.transports.in_process import run_simulation
 
     _setup_logging(verbose)
     overrides = list(set_ or []) + ([f"output.dir={out}"] if out else [])
@@ -111,12 +111,13 @@ def _parse_seeds(text: str) -> list[int]:
 def _user_errors() -> Iterator[None]:
     """Errors in what the user asked for end the command with their message, no traceback."""
     from fedamole.data.example import DataError
+    from fedamole.device import DeviceError
+    from fedamole.reporting import RunDirError
     from fedamole.rsea.solver import InfeasibleAssignmentError
-    from fedamole.runners.simulation import RunDirError
 
     try:
         yield
-    except (ConfigError, DataError, RunDirError, InfeasibleAssignmentError) as exc:
+    except (ConfigError, DataError, DeviceError, RunDirError, InfeasibleAssignmentError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -129,21 +130,21 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="generation length")] = 64,
 ) -> None:
     """Answer a prompt with one client's personalised model from a FedAMoLE run."""
-    from fedamole.baselines import FEDAMOLE_VARIANTS
-    from fedamole.personalised import load_client_model, load_run_config
-    from fedamole.runners.simulation import run_method
+    from fedamole.methods import FEDAMOLE_VARIANTS
+    from fedamole.personalised import load_client_model
+    from fedamole.reporting import RunDir, RunDirError
 
     _setup_logging(False)
     try:
-        method = run_method(run_dir, load_run_config(run_dir))
+        method = RunDir(run_dir).method
         if method not in FEDAMOLE_VARIANTS:
             raise ConfigError(
                 f"{run_dir} is a {method!r} run; generate answers with FedAMoLE client models. "
                 f"Its client models are clients/<id>/adapter.safetensors (described by "
-                f"adapter.json), loadable with fedamole.baselines.lora.load_client_model"
+                f"adapter.json)"
             )
         answer = load_client_model(run_dir, client).answer(prompt, input_, max_new_tokens)
-    except (ConfigError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, RunDirError, FileNotFoundError, KeyError) as exc:
         raise _fail(str(exc)) from None
     console.print(answer)
 

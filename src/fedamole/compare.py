@@ -24,12 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from fedamole.baselines import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
-from fedamole.checkpoint import atomic_write_text  # noqa: E402
 from fedamole.config import ConfigError, load_config  # noqa: E402
-from fedamole.personalised import CONFIG_FILE  # noqa: E402
-from fedamole.reporting import SUMMARY  # noqa: E402
-from fedamole.runners.simulation import run_simulation  # noqa: E402
+from fedamole.methods import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
+from fedamole.reporting import CONFIG_FILE, SUMMARY, atomic_write_text  # noqa: E402
+from fedamole.transports.in_process import run_simulation  # noqa: E402
 
 HEADLINE = "selected"
 HEADLINE_NOTE = (

@@ -6,11 +6,19 @@ and the paper-sized preset.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -21,8 +29,23 @@ class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m", description="smollm2-135m, tiny-random-llama, a hub id or a folder"
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field(
+        "auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen backbone; adapters keep float32 master weights"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30 % more time"
+    )
     max_length: int = Field(192, gt=8, description="examples longer than this (tokens) are dropped")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"model.device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
 
 
 class DataConfig(_Section):
@@ -72,6 +95,36 @@ class FederationConfig(_Section):
     local_steps: int = Field(8, ge=1)
     batch_size: int = Field(4, ge=1)
     weighted_aggregation: bool = False
+    clients_per_round: int | float | None = Field(
+        None,
+        description="clients sampled each round: a count (2), a fraction (0.5) or None for all",
+    )
+    wire_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the weights that travel between server and clients"
+    )
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _positive_participation(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"federation.clients_per_round must be >= 1, got {value}")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(
+                f"federation.clients_per_round as a fraction must be in (0, 1], got {value}"
+            )
+        return value
+
+    @property
+    def participants_per_round(self) -> int:
+        """How many clients take part in each round (all of them by default, as in the paper)."""
+        value = self.clients_per_round
+        if value is None:
+            return self.num_clients
+        if isinstance(value, float):
+            return max(1, round(value * self.num_clients))
+        return value
 
 
 class RSEAConfig(_Section):
@@ -87,14 +140,23 @@ class PrivacyConfig(_Section):
     enabled: bool = False
     eta: float = Field(100.0, gt=0, description="larger eta = less noise")
     clip_norm: float = Field(1.0, gt=0)
+    seed: int | None = Field(
+        None, description="for tests only: seeds the noise; None draws it from OS entropy"
+    )
 
 
 class OptimConfig(_Section):
     lr: float = Field(3e-4, gt=0)
     lr_decay: float = Field(0.99, gt=0, le=1, description="multiplied into lr every round")
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    adam_eps: float = Field(1e-8, gt=0, description="Adam's epsilon (the paper's code: 1e-6)")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="max global grad norm, applied alike by every method; None = off"
+    )
     lb_weight: float = Field(0.001, ge=0, description="lambda_lb")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="torch.autocast for forward passes (training and evaluation)"
+    )
 
 
 class EvalConfig(_Section):
@@ -117,6 +179,16 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _participants_exist(self) -> Config:
+        count = self.federation.clients_per_round
+        if isinstance(count, int) and count > self.federation.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={count} exceeds federation.num_clients="
+                f"{self.federation.num_clients}; lower it or use a fraction such as 0.5"
+            )
+        return self
 
     @property
     def min_experts(self) -> int:

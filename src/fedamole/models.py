@@ -21,11 +21,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedamole.device import DTYPES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -147,21 +148,24 @@ def _byte_tokenizer(models, pre_tokenizers, decoders, Tokenizer):  # noqa: N803
 
 
 def load_base_model(
-    name: str = DEFAULT_MODEL, dtype: str = "float32"
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return a frozen, eval-mode base model and its tokenizer (with a pad token)."""
-    torch_dtype = _DTYPES[dtype]
+    """Return a frozen, eval-mode base model on ``device`` and its tokenizer (with a pad token)."""
+    torch_dtype = DTYPES[dtype]
     if name == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(torch_dtype)
     elif name == TINY_MODEL:
         model, tokenizer = tiny_random_llama()
+        model.to(torch_dtype)
     else:
         model, tokenizer = _load_hf(name, torch_dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,4 +1,4 @@
-"""Building an HMoLE model from a config, and loading a client's personalised model from a run."""
+"""Loading a client's personalised model from a finished run, ready to answer prompts."""
 
 from __future__ import annotations
 
@@ -9,28 +9,20 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from fedamole.config import Config, ConfigError, load_config
+from fedamole.config import Config, ConfigError
 from fedamole.data.example import Example
 from fedamole.data.prompts import render_prompt
 from fedamole.evaluation import generate
-from fedamole.hmole import HMoLEAdapter, inject_hmole
-from fedamole.models import load_base_model
-
-CONFIG_FILE = "config.yaml"
-
-
-def build_hmole_model(cfg: Config) -> tuple[HMoLEAdapter, PreTrainedTokenizerBase]:
-    """The configured frozen base model with HMoLE injected (no architecture set yet)."""
-    model, tokenizer = load_base_model(cfg.model.name, cfg.model.dtype)
-    h = cfg.hmole
-    return inject_hmole(model, h.target_modules, h.rank, h.alpha, h.dropout, h.top_k), tokenizer
+from fedamole.hmole import HMoLEAdapter
+from fedamole.methods.fedamole import build_hmole_model
+from fedamole.reporting import ADAPTER_WEIGHTS, CONFIG_FILE, RunDir
 
 
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: --run must point at a fedamole run directory")
-    return load_config(path)
+    return RunDir(run_dir).config()
 
 
 @dataclass
@@ -49,14 +41,14 @@ class PersonalisedModel:
 
 def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
     """Rebuild a client's personalised model from ``run_dir/clients/<id>/``."""
-    folder = Path(run_dir) / "clients" / str(client_id)
-    if not (folder / "adapter.safetensors").is_file():
+    folder = RunDir(run_dir).client_folder(client_id)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(
-            f"{folder}/adapter.safetensors not found: no finished adapter for client {client_id} "
+            f"{folder}/{ADAPTER_WEIGHTS} not found: no finished adapter for client {client_id} "
             f"in {run_dir} (clients are numbered from 0; the run must have completed)"
         )
     cfg = load_run_config(run_dir)
     adapter, tokenizer = build_hmole_model(cfg)
     adapter.set_architecture(json.loads((folder / "architecture.json").read_text())["architecture"])
-    adapter.load_state(load_file(str(folder / "adapter.safetensors")))
+    adapter.load_state(load_file(str(folder / ADAPTER_WEIGHTS)))
     return PersonalisedModel(adapter, tokenizer)

@@ -1,9 +1,29 @@
-"""Run outputs: metrics.jsonl, per-round assignments, summary.json, client adapters and plots."""
+"""The run directory's one owner: every file name, atomic writes, metric records, the summary and
+the plots. Nothing else in the package writes into a run directory.
+
+```
+runs/<name>/
+  config.yaml                 the exact configuration
+  method.json                 the method and the run's id
+  metrics.jsonl               one object per round, client and split (val/test): metrics, train
+                              loss, bytes up/down; and one per round with split "server": RSEA
+                              diagnostics (FedAMoLE)
+  example_scores.jsonl        per round, client and split: each example's scores (for intervals)
+  assignments/round_NNN.json  which experts each client held in each module that round
+  checkpoint.safetensors      server state after the last complete round (atomic)
+  summary.json                per-client and mean test metrics; total bytes; wall time
+  clients/<id>/               the personalised model: adapter.safetensors + a JSON to rebuild it
+  plots/                      metric_per_round.png, experts_heatmap.png, rsea_diagnostics.png
+```
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,148 +34,332 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fedamole.checkpoint import atomic_write_text  # noqa: E402
-from fedamole.federation.types import Architecture, StateDict  # noqa: E402
+from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
+from fedamole.config import Config, load_config  # noqa: E402
+from fedamole.types import Architecture, ExampleScores, Metrics, StateDict  # noqa: E402
 
+CONFIG_FILE = "config.yaml"
+METHOD_FILE = "method.json"
 METRICS = "metrics.jsonl"
+EXAMPLE_SCORES = "example_scores.jsonl"
 SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.safetensors"
+ASSIGNMENTS = "assignments"
+CLIENTS = "clients"
+PLOTS = "plots"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 PRIMARY = ("accuracy", "rougeL")
+SPLITS = ("val", "test")
+SERVER = "server"  # the split of the per-round server record (diagnostics)
+
+Record = dict[str, Any]
 
 
-def primary_name(record: dict[str, Any]) -> str:
-    """The metric model selection and summaries use: accuracy for classification, else ROUGE-L."""
-    return next(m for m in PRIMARY if m in record)
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; nothing in it was touched."""
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_jsonl(path: Path) -> list[Record]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
     """Rewrite the whole (small) file atomically so a kill never leaves half a line."""
-    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class RunDir:
+    """One run's directory. Open it with :meth:`open`, which checks it before anything expensive
+    runs: a new run never overwrites anything, a resumed one must have the same config and method."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, cfg: Config, method: str, resume: bool) -> RunDir:
+        run_dir = cls(cfg.output.dir)
+        if resume:
+            run_dir._check_resumable(cfg, method)
+        elif run_dir.path.exists() and any(run_dir.path.iterdir()):
+            raise RunDirError(
+                f"run directory {run_dir.path} already exists and is not empty; pass --resume to "
+                "continue it, or choose another --out"
+            )
+        return run_dir
+
+    def _check_resumable(self, cfg: Config, method: str) -> None:
+        saved_file = self.path / CONFIG_FILE
+        if not saved_file.is_file():
+            raise RunDirError(f"--resume: {saved_file} not found; is {self.path} a fedamole run?")
+        saved = _flatten(load_config(saved_file).model_dump(mode="json"))
+        ours = _flatten(cfg.model_dump(mode="json"))
+        differing = sorted(k for k in ours.keys() | saved.keys() if ours.get(k) != saved.get(k))
+        if differing:
+            raise RunDirError(
+                f"--resume: settings differ from the run's {CONFIG_FILE}: {', '.join(differing)}; "
+                "resume with the same configuration"
+            )
+        if self.method != method:
+            raise RunDirError(
+                f"--resume: {self.path} is a {self.method!r} run, not {method!r}; resume it with "
+                "its method"
+            )
+
+    def start(self, cfg: Config, method: str) -> None:
+        """A new run: the exact config and the method, with a fresh run id."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG_FILE, cfg.to_yaml())
+        doc = {"method": method, "run_id": uuid.uuid4().hex}
+        atomic_write_text(self.path / METHOD_FILE, json.dumps(doc))
+
+    @property
+    def method(self) -> str:
+        return self._method_doc()["method"]
+
+    @property
+    def run_id(self) -> str:
+        """Stable across resumes: clients on other machines key their private state by it."""
+        return self._method_doc().get("run_id", self.path.resolve().name)
+
+    def _method_doc(self) -> dict[str, str]:
+        path = self.path / METHOD_FILE
+        if not path.is_file():
+            raise RunDirError(f"{path} not found; is {self.path} a fedamole run?")
+        return json.loads(path.read_text())
+
+    def config(self) -> Config:
+        return load_config(self.path / CONFIG_FILE)
+
+    # ------------------------------------------------------------------------------ checkpoint
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        write_checkpoint(self.path / CHECKPOINT, checkpoint)
+
+    def load_checkpoint(self) -> Checkpoint:
+        return read_checkpoint(self.path / CHECKPOINT)
+
+    # ------------------------------------------------------------------------------ records
+    def read_records(self, before_round: int | None = None) -> list[Record]:
+        """metrics.jsonl (of the rounds before ``before_round``, when given: a resumed run
+        drops what a killed round wrote after its checkpoint)."""
+        return _before(_read_jsonl(self.path / METRICS), before_round)
+
+    def write_records(self, records: list[Record]) -> None:
+        _write_jsonl(self.path / METRICS, records)
+
+    def read_example_scores(self, before_round: int | None = None) -> list[Record]:
+        return _before(_read_jsonl(self.path / EXAMPLE_SCORES), before_round)
+
+    def write_example_scores(self, rows: list[Record]) -> None:
+        _write_jsonl(self.path / EXAMPLE_SCORES, rows)
+
+    def write_assignment(self, round_idx: int, architectures: Mapping[int, Architecture]) -> None:
+        folder = self.path / ASSIGNMENTS
+        folder.mkdir(exist_ok=True)
+        doc = {"round": round_idx, "clients": {str(c): a for c, a in sorted(architectures.items())}}
+        atomic_write_text(folder / f"round_{round_idx:03d}.json", json.dumps(doc, indent=1))
+
+    def latest_architectures(self) -> dict[int, Architecture]:
+        """Each client's architecture in the latest round it took part in ({} without experts)."""
+        latest: dict[int, Architecture] = {}
+        for file in sorted((self.path / ASSIGNMENTS).glob("round_*.json")):
+            for client, arch in json.loads(file.read_text())["clients"].items():
+                latest[int(client)] = arch
+        return latest
+
+    # ------------------------------------------------------------------------------ client models
+    def client_folder(self, client_id: int) -> Path:
+        return self.path / CLIENTS / str(client_id)
+
+    def save_client_model(
+        self, client_id: int, weights: StateDict | None, json_name: str, doc: dict[str, Any]
+    ) -> Path:
+        """``clients/<id>/adapter.safetensors`` and a JSON that says how to rebuild it; without
+        weights (a model that stays on the client's node) only the JSON, saying so."""
+        folder = self.client_folder(client_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        if weights is not None:
+            tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
+            tmp.replace(folder / ADAPTER_WEIGHTS)
+        atomic_write_text(folder / json_name, json.dumps(doc, indent=1))
+        return folder
+
+    # ------------------------------------------------------------------------------ summary
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads((self.path / SUMMARY).read_text())
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+    def write_plots(self, records: list[Record], architectures: Mapping[int, Architecture]) -> None:
+        folder = self.path / PLOTS
+        folder.mkdir(exist_ok=True)
+        plot_metric_per_round(folder / "metric_per_round.png", records)
+        if architectures:
+            plot_experts(folder / "experts_heatmap.png", architectures)
+        server = [r for r in records if r["split"] == SERVER]
+        if server:
+            plot_diagnostics(folder / "rsea_diagnostics.png", server)
+
+
+def _before(records: list[Record], round_idx: int | None) -> list[Record]:
+    return records if round_idx is None else [r for r in records if r["round"] < round_idx]
+
+
+# ---------------------------------------------------------------------------------- records
+def primary_name(metrics: Mapping[str, Any]) -> str:
+    """The metric model selection and summaries use: accuracy for classification, else ROUGE-L."""
+    return next(m for m in PRIMARY if m in metrics)
 
 
 def metric_records(
-    round_idx: int, client_id: int, metrics: dict[str, float], bytes_up: int, bytes_down: int
-) -> list[dict[str, Any]]:
+    round_idx: int, client_id: int, metrics: Metrics, bytes_up: int, bytes_down: int
+) -> list[Record]:
     """One record per split (val, test) of one client in one round."""
-    records = []
-    for split in ("val", "test"):
-        values = {
-            k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")
+    return [
+        {
+            "round": round_idx,
+            "client": client_id,
+            "split": split,
+            **{
+                k.removeprefix(f"{split}_"): v
+                for k, v in metrics.items()
+                if k.startswith(f"{split}_")
+            },
+            "train_loss": metrics.get("train_loss"),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
         }
-        records.append(
-            {
-                "round": round_idx,
-                "client": client_id,
-                "split": split,
-                **values,
-                "train_loss": metrics.get("train_loss"),
-                "bytes_up": bytes_up,
-                "bytes_down": bytes_down,
-            }
-        )
-    return records
-
-
-def write_assignment(run_dir: Path, round_idx: int, architectures: list[Architecture]) -> None:
-    folder = run_dir / "assignments"
-    folder.mkdir(exist_ok=True)
-    doc = {"round": round_idx, "clients": {str(c): arch for c, arch in enumerate(architectures)}}
-    atomic_write_text(folder / f"round_{round_idx:03d}.json", json.dumps(doc, indent=1))
-
-
-def summarise(records: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
-    """Per-client and mean test metrics at the last round each client took part in and at its
-    best-validation round (selection never looks at test). A client dropped from the final round
-    (a deployment where its node was down) reports its latest round."""
-    by_client: dict[int, dict[int, dict[str, dict]]] = {}
-    for r in records:
-        by_client.setdefault(r["client"], {}).setdefault(r["round"], {})[r["split"]] = r
-    metric = primary_name(records[0])
-    last_round = max(r["round"] for r in records)
-    per_client: dict[str, Any] = {}
-    for cid, rounds in sorted(by_client.items()):
-        best = max(sorted(rounds), key=lambda k: rounds[k]["val"][metric])
-        per_client[str(cid)] = {
-            "last": _test_values(rounds[max(rounds)]["test"]) | {"round": max(rounds)},
-            "selected": _test_values(rounds[best]["test"]) | {"round": best},
-        }
-    names = [
-        k for k in per_client[next(iter(per_client))]["last"] if k not in ("num_examples", "round")
+        for split in SPLITS
     ]
-    return {
-        "metric": metric,
-        "rounds": last_round + 1,
-        "mean": {
-            which: {m: float(np.mean([c[which][m] for c in per_client.values()])) for m in names}
-            for which in ("last", "selected")
-        },
-        "per_client": per_client,
-        "total_bytes_up": sum(r["bytes_up"] for r in records if r["split"] == "test"),
-        "total_bytes_down": sum(r["bytes_down"] for r in records if r["split"] == "test"),
-        "wall_time_s": wall_time_s,
-    }
+
+
+def server_record(round_idx: int, diagnostics: Metrics) -> list[Record]:
+    """The round's server-side diagnostics as one record (none when there are none)."""
+    return [{"round": round_idx, "split": SERVER, **diagnostics}] if diagnostics else []
+
+
+def example_score_rows(round_idx: int, client_id: int, scores: ExampleScores) -> list[Record]:
+    """One row per split with each metric's per-example values."""
+    rows = []
+    for split in SPLITS:
+        prefix = f"{split}_"
+        values = {k.removeprefix(prefix): v for k, v in scores.items() if k.startswith(prefix)}
+        if values:
+            rows.append({"round": round_idx, "client": client_id, "split": split, **values})
+    return rows
 
 
 _NOT_METRICS = {"round", "client", "split", "train_loss", "bytes_up", "bytes_down"}
 
 
-def _test_values(record: dict[str, Any]) -> dict[str, float]:
+def _test_values(record: Record) -> dict[str, float]:
     return {k: v for k, v in record.items() if k not in _NOT_METRICS}
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
+def _latest_best(rounds: Mapping[int, float]) -> int:
+    """The round with the highest value; ties go to the latest round (the model trained longest)."""
+    return max(rounds, key=lambda r: (rounds[r], r))
 
 
-def save_client_model(
-    run_dir: Path, client_id: int, state: StateDict, json_name: str, doc: dict[str, Any]
-) -> Path:
-    """A client's personalised model: ``clients/<id>/adapter.safetensors`` plus a JSON (``doc``)
-    that says how to rebuild it, each written atomically."""
-    folder = run_dir / "clients" / str(client_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "adapter.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(folder / "adapter.safetensors")
-    atomic_write_text(folder / json_name, json.dumps(doc, indent=1))
-    return folder
+def summarise(records: list[Record], wall_time_s: float) -> dict[str, Any]:
+    """Per-client and mean test metrics at the last round each client took part in and at its
+    validation-selected round, and at the single round with the best mean validation score
+    (selection never looks at test; ties go to the latest round). A client that missed rounds
+    (sampling, drop-outs) reports its latest round and how many rounds it took part in."""
+    evaluated = [r for r in records if r["split"] in SPLITS]
+    by_client: dict[int, dict[int, dict[str, Record]]] = {}
+    for r in evaluated:
+        by_client.setdefault(r["client"], {}).setdefault(r["round"], {})[r["split"]] = r
+    metric = primary_name(evaluated[0])
+    per_client: dict[str, Any] = {}
+    for cid, rounds in sorted(by_client.items()):
+        best = _latest_best({k: v["val"][metric] for k, v in rounds.items()})
+        per_client[str(cid)] = {
+            "last": _test_values(rounds[max(rounds)]["test"]) | {"round": max(rounds)},
+            "selected": _test_values(rounds[best]["test"]) | {"round": best},
+            "rounds": len(rounds),
+        }
+    names = [
+        k for k in next(iter(per_client.values()))["last"] if k not in ("num_examples", "round")
+    ]
+    return {
+        "metric": metric,
+        "rounds": max(r["round"] for r in evaluated) + 1,
+        "mean": {
+            which: {m: float(np.mean([c[which][m] for c in per_client.values()])) for m in names}
+            for which in ("last", "selected")
+        },
+        "best_round": _best_mean_round(evaluated, metric, names),
+        "per_client": per_client,
+        "total_bytes_up": sum(r["bytes_up"] for r in evaluated if r["split"] == "test"),
+        "total_bytes_down": sum(r["bytes_down"] for r in evaluated if r["split"] == "test"),
+        "wall_time_s": wall_time_s,
+    }
 
 
-def save_client_adapter(
-    run_dir: Path,
-    client_id: int,
-    state: StateDict,
-    architecture: Architecture,
-    info: dict[str, Any],
-) -> Path:
-    """A FedAMoLE client's adapter: safetensors weights + a JSON describing its architecture."""
-    doc = {"client": client_id, "architecture": architecture, **info}
-    return save_client_model(run_dir, client_id, state, "architecture.json", doc)
+def _best_mean_round(records: list[Record], metric: str, names: list[str]) -> dict[str, Any]:
+    """The one round whose mean validation score over its clients is highest, and its mean test
+    metrics: one model-selection decision for everybody instead of one per client."""
+    val = {
+        rnd: float(
+            np.mean([r[metric] for r in records if r["round"] == rnd and r["split"] == "val"])
+        )
+        for rnd in sorted({r["round"] for r in records})
+    }
+    best = _latest_best(val)
+    tests = [r for r in records if r["round"] == best and r["split"] == "test"]
+    return {"round": best, "val": val[best]} | {
+        m: float(np.mean([r[m] for r in tests])) for m in names
+    }
 
 
+# ---------------------------------------------------------------------------------- plots
 def _layer_of(module: str) -> int:
     match = re.search(r"\.(\d+)\.", module)
     return int(match.group(1)) if match else 0
 
 
-def plot_run(
-    run_dir: Path, records: list[dict[str, Any]], architectures: list[Architecture] | None
-) -> None:
-    """plots/metric_per_round.png, and plots/experts_heatmap.png for methods with experts."""
-    folder = run_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    metric = primary_name(records[0])
+def plot_metric_per_round(path: Path, records: list[Record]) -> None:
+    """Every client's primary metric per round, validation and test side by side."""
+    evaluated = [r for r in records if r["split"] in SPLITS]
+    metric = primary_name(evaluated[0])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, split in zip(axes, ("val", "test"), strict=True):
-        for cid in sorted({r["client"] for r in records}):
+    for ax, split in zip(axes, SPLITS, strict=True):
+        for cid in sorted({r["client"] for r in evaluated}):
             rows = sorted(
-                (r for r in records if r["client"] == cid and r["split"] == split),
+                (r for r in evaluated if r["client"] == cid and r["split"] == split),
                 key=lambda r: r["round"],
             )
             ax.plot(
@@ -168,28 +372,42 @@ def plot_run(
     axes[0].set_ylabel(metric)
     axes[1].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(folder / "metric_per_round.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    if architectures:
-        _plot_experts(folder / "experts_heatmap.png", architectures)
 
 
-def _plot_experts(path: Path, architectures: list[Architecture]) -> None:
+def plot_experts(path: Path, architectures: Mapping[int, Architecture]) -> None:
     """How many experts each client holds per layer: the heterogeneity RSEA produces."""
-    layers = sorted({_layer_of(m) for m in architectures[0]})
-    counts = np.zeros((len(architectures), len(layers)))
-    for c, arch in enumerate(architectures):
-        for module, experts in arch.items():
-            counts[c, layers.index(_layer_of(module))] += len(experts)
-    fig, ax = plt.subplots(figsize=(max(4, len(layers) * 0.35 + 2), len(architectures) * 0.5 + 1.5))
+    clients = sorted(architectures)
+    layers = sorted({_layer_of(m) for m in architectures[clients[0]]})
+    counts = np.zeros((len(clients), len(layers)))
+    for row, c in enumerate(clients):
+        for module, experts in architectures[c].items():
+            counts[row, layers.index(_layer_of(module))] += len(experts)
+    fig, ax = plt.subplots(figsize=(max(4, len(layers) * 0.35 + 2), len(clients) * 0.5 + 1.5))
     image = ax.imshow(counts, aspect="auto", cmap="viridis")
     ax.set(
         xlabel="layer",
         ylabel="client",
         title="experts per client per layer (all adapted modules)",
-        yticks=range(len(architectures)),
+        yticks=range(len(clients)),
+        yticklabels=[str(c) for c in clients],
     )
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_diagnostics(path: Path, server: list[Record]) -> None:
+    """Each recorded RSEA diagnostic per round, one panel each."""
+    names = sorted({k for r in server for k in r} - {"round", "split"})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        rows = [r for r in server if name in r]
+        ax.plot([r["round"] for r in rows], [r[name] for r in rows], marker="o")
+        ax.set_title(name.removeprefix("rsea_"), fontsize="small")
+        ax.set_xlabel("round")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

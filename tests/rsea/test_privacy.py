@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedamole.federation.types import ClientEmbeddings
-from fedamole.rsea.privacy import clip_to_norm, metric_dp_noise, privatize_embeddings
+from fedamole.rsea.privacy import (
+    clip_to_norm,
+    metric_dp_noise,
+    noise_generator,
+    privatize_embeddings,
+)
+from fedamole.types import ClientEmbeddings
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -68,8 +73,13 @@ def _embeddings(order: list[str]) -> ClientEmbeddings:
 
 def test_privatize_noises_every_vector_reproducibly() -> None:
     emb = _embeddings(["a", "b"])
-    first = privatize_embeddings(emb, 50.0, 1.0, _gen(3))
-    reordered = privatize_embeddings(_embeddings(["b", "a"]), 50.0, 1.0, _gen(3))
+    first, norms = privatize_embeddings(emb, 50.0, 1.0, _gen(3))
+    reordered, _ = privatize_embeddings(_embeddings(["b", "a"]), 50.0, 1.0, _gen(3))
+    clean = [torch.linalg.vector_norm(v).item() for v in emb.data.values()] + [
+        torch.linalg.vector_norm(v).item() for ex in emb.experts.values() for v in ex.values()
+    ]
+    assert norms["emb_norm_max"] == pytest.approx(max(clean))
+    assert norms["emb_clipped_share"] == pytest.approx(sum(n > 1.0 for n in clean) / len(clean))
     for module in ["a", "b"]:
         assert first.data[module].shape == emb.data[module].shape
         assert first.data[module].dtype == emb.data[module].dtype
@@ -79,3 +89,10 @@ def test_privatize_noises_every_vector_reproducibly() -> None:
         for expert, vector in first.experts[module].items():
             assert not torch.equal(vector, clip_to_norm(emb.experts[module][expert], 1.0))
             torch.testing.assert_close(vector, reordered.experts[module][expert])
+
+
+def test_noise_generator_draws_from_os_entropy_unless_a_test_seed_is_given() -> None:
+    unseeded = [noise_generator(None, 3, 1).initial_seed() for _ in range(2)]
+    assert unseeded[0] != unseeded[1]  # 2**-64 chance of a false failure
+    seeded = [noise_generator(7, 3, 1).initial_seed() for _ in range(2)]
+    assert seeded[0] == seeded[1] != noise_generator(7, 3, 2).initial_seed()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedamole.federation.types import ClientEmbeddings
 from fedamole.rsea.scoring import assign_from_embeddings, expert_preferences
+from fedamole.types import ClientEmbeddings
 
 
 def _emb(

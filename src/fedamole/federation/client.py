@@ -1,87 +1,37 @@
-"""Client side of one FedAMoLE round (SPEC 3, steps 2-4), independent of how messages travel:
-the in-process runner and the Flower ClientApp both call :func:`run_client_round`."""
+"""The client's side of a round, for any transport: run the method's training or evaluation job
+on this client, put what travels in the wire dtype, and in the last round hand back the
+personalised model the client was evaluated with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from fedamole.config import Config
-from fedamole.data.pipeline import ClientDataset
-from fedamole.evaluation import evaluate_examples
-from fedamole.federation.training import (
-    StepCallback,
-    fixed_batches,
-    round_seed,
-    shuffled_batches,
-    train_steps,
-)
-from fedamole.federation.types import ClientPayload, ClientUpdate
-from fedamole.hmole import HMoLEAdapter
-from fedamole.rsea.embeddings import compute_embeddings
-from fedamole.rsea.privacy import privatize_embeddings
+from fedamole.federation.method import ClientRuntime, FederatedMethod, H
+from fedamole.federation.training import StepCallback
+from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, to_wire
 
 
-@dataclass
-class ClientRuntime:
-    """What a client needs besides the payload: the (shared) backbone with HMoLE, its tokenizer,
-    the run config and its own data."""
-
-    adapter: HMoLEAdapter
-    tokenizer: PreTrainedTokenizerBase
-    cfg: Config
-    data: ClientDataset
+def is_last_round(runtime: ClientRuntime, round_idx: int) -> bool:
+    return round_idx == runtime.cfg.federation.rounds - 1
 
 
-def evaluate_client(runtime: ClientRuntime) -> dict[str, float]:
-    """The personalised model on its own validation and test splits, as ``val_*``/``test_*``."""
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        examples = getattr(runtime.data.splits, split)
-        scores = evaluate_examples(
-            runtime.adapter.model,
-            runtime.tokenizer,
-            examples,
-            runtime.cfg.eval,
-            runtime.cfg.model.max_length,
-        )
-        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-    return metrics
-
-
-def run_client_round(
-    payload: ClientPayload, runtime: ClientRuntime, on_step: StepCallback | None = None
+def train_job(
+    method: FederatedMethod[H],
+    payload: ClientPayload,
+    runtime: ClientRuntime[H],
+    on_step: StepCallback | None = None,
 ) -> ClientUpdate:
-    """Download -> local training -> local evaluation -> RSEA embeddings -> upload."""
-    cfg, data, adapter = runtime.cfg, runtime.data, runtime.adapter
-    adapter.set_architecture(payload.architecture)
-    adapter.load_state(payload.weights)
-    seed = round_seed(cfg.seed, payload.round, data.client_id)
-    torch.manual_seed(seed)  # dropout
-    generator = torch.Generator().manual_seed(seed)
-    pad_id = runtime.tokenizer.pad_token_id
-    train_loss = train_steps(
-        adapter.model,
-        adapter.trainable_parameters(),
-        shuffled_batches(data.train, cfg.federation.batch_size, pad_id, generator),
-        cfg.federation.local_steps,
-        payload.lr,
-        cfg.optim,
-        aux_loss=adapter.load_balancing_loss,
-        on_step=on_step,
-    )
-    metrics = {"train_loss": train_loss, **evaluate_client(runtime)}
-    embeddings = compute_embeddings(adapter, fixed_batches(data.aux, cfg.eval.batch_size, pad_id))
-    if cfg.privacy.enabled:
-        embeddings = privatize_embeddings(
-            embeddings, cfg.privacy.eta, cfg.privacy.clip_norm, generator
-        )
-    return ClientUpdate(
-        client_id=data.client_id,
-        weights=adapter.state(),
-        num_examples=len(data.train),
-        embeddings=embeddings,
-        metrics=metrics,
-    )
+    """Local training (SPEC 3.2-3.4) and the upload in the wire dtype."""
+    update = method.client_round(payload, runtime, on_step)
+    update.weights = to_wire(update.weights, runtime.cfg.federation.wire_dtype)
+    if is_last_round(runtime, payload.round) and not method.evaluates_after_aggregation:
+        update.personal_model = method.personal_model(runtime)
+    return update
+
+
+def evaluate_job(
+    method: FederatedMethod[H], payload: ClientPayload, runtime: ClientRuntime[H]
+) -> ClientEvaluation:
+    """Evaluation of the model built from the aggregated state (methods that serve it)."""
+    evaluation = method.evaluate(payload, runtime)
+    if is_last_round(runtime, payload.round):
+        evaluation.personal_model = method.personal_model(runtime)
+    return evaluation

@@ -1,5 +1,7 @@
-"""A readable local training loop shared by FedAMoLE and the baselines: a fixed number of Adam
-steps over shuffled batches, next-token loss on response tokens plus an optional auxiliary loss."""
+"""A readable local training loop shared by FedAMoLE and every baseline: a fixed number of Adam
+steps over shuffled batches, next-token loss on response tokens plus an optional auxiliary loss,
+on the model's device, under the configured mixed precision, with the same gradient clipping for
+every method."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from torch import Tensor, nn
 
 from fedamole.config import OptimConfig
 from fedamole.data.tokenize import collate
+from fedamole.device import autocast, model_device
 
 Batch = dict[str, Tensor]
 StepCallback = Callable[[int, float], None]
@@ -44,6 +47,10 @@ def fixed_batches(
     ]
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def train_steps(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -55,20 +62,27 @@ def train_steps(
     on_step: StepCallback | None = None,
 ) -> float:
     """Run ``steps`` Adam steps on ``params``; returns the mean language-modelling loss."""
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
+    device = model_device(model)
+    optimizer = torch.optim.Adam(
+        params, lr=lr, eps=optim.adam_eps, weight_decay=optim.weight_decay, foreach=True
+    )
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device.type, enabled=optim.mixed_precision == "fp16")
     model.train()
-    total = 0.0
+    losses = []
     for step in range(steps):
-        batch = next(batches)
-        lm_loss = model(**batch).loss
-        loss = lm_loss + optim.lb_weight * aux_loss() if aux_loss is not None else lm_loss
-        loss.backward()
+        with autocast(device, optim.mixed_precision):
+            lm_loss = model(**to_device(next(batches), device)).loss
+            loss = lm_loss + optim.lb_weight * aux_loss() if aux_loss is not None else lm_loss
+        scaler.scale(loss).backward()
         if optim.grad_clip is not None:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        total += lm_loss.item()
+        losses.append(lm_loss.detach())
         if on_step is not None:
             on_step(step + 1, lm_loss.item())
     model.eval()
-    return total / steps
+    return torch.stack(losses).float().mean().item()

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedamole.federation.types import Architecture, StateDict
 from fedamole.hmole.keys import expert_key, parse_key, router_key, shared_key, state_keys
 from fedamole.hmole.layer import EmbeddingSums, HMoLELinear, RoutingContext, lora_uniform_
+from fedamole.types import Architecture, StateDict
 
 ALL_LINEAR = "all-linear"
 

@@ -6,17 +6,20 @@ to exp(-eta * ||noise||), the standard mechanism for eta-metric DP in the Euclid
 Clipping first bounds the distance between any two inputs, so the guarantee means something.
 Larger eta = less noise; E||noise|| = r / eta.
 
-All randomness comes from a torch.Generator, so a seeded generator gives the same noise. The
+The noise must be unpredictable to the server, which knows the run seed and every round and
+client index: :func:`noise_generator` seeds it from OS entropy, never from the run seed (a fixed
+``privacy.seed`` exists for tests only). All randomness comes from that one torch.Generator. The
 gamma draw uses that shape r is an integer: Gamma(r, 1/eta) is the sum of r Exp(rate=eta) draws,
 and Tensor.exponential_ accepts a generator (torch's own gamma sampler does not).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from fedamole.federation.types import ClientEmbeddings
+from fedamole.types import ClientEmbeddings
 
 
 def clip_to_norm(v: Tensor, bound: float) -> Tensor:
@@ -44,11 +47,41 @@ def metric_dp_noise(v: Tensor, eta: float, clip_norm: float, generator: torch.Ge
     return noisy.to(v.dtype)
 
 
+def noise_generator(test_seed: int | None, round_idx: int, client_id: int) -> torch.Generator:
+    """A generator for privacy noise: OS entropy, or ``privacy.seed`` (tests only) mixed with the
+    round and client so that a seeded test still draws different noise per client and round."""
+    generator = torch.Generator()
+    if test_seed is None:
+        generator.seed()  # a non-deterministic seed from std::random_device
+    else:
+        state = np.random.SeedSequence([test_seed, round_idx, client_id]).generate_state(1)
+        generator.manual_seed(int(state[0]))
+    return generator
+
+
+def embedding_norms(emb: ClientEmbeddings, clip_norm: float) -> dict[str, float]:
+    """Norms of the clean vectors and the share that clipping shortens: what ``privacy.clip_norm``
+    should be calibrated against (a bound far above every norm adds nothing; far below, every
+    vector is cut to the same length and carries direction only). The server sees these three
+    numbers: they reveal the sizes of the embeddings, not their directions."""
+    norms = torch.stack([torch.linalg.vector_norm(v.double()) for v in _vectors(emb)])
+    return {
+        "emb_norm_median": norms.median().item(),
+        "emb_norm_max": norms.max().item(),
+        "emb_clipped_share": (norms > clip_norm).double().mean().item(),
+    }
+
+
+def _vectors(emb: ClientEmbeddings) -> list[Tensor]:
+    return list(emb.data.values()) + [v for ex in emb.experts.values() for v in ex.values()]
+
+
 def privatize_embeddings(
     emb: ClientEmbeddings, eta: float, clip_norm: float, generator: torch.Generator
-) -> ClientEmbeddings:
+) -> tuple[ClientEmbeddings, dict[str, float]]:
     """A noised copy of every vector in emb (drawn in sorted module / expert order, so the same
-    generator state gives the same result whatever the dicts' insertion order)."""
+    generator state gives the same result whatever the dicts' insertion order), and the clean
+    vectors' norm statistics (:func:`embedding_norms`)."""
     data = {
         module: metric_dp_noise(emb.data[module], eta, clip_norm, generator)
         for module in sorted(emb.data)
@@ -60,4 +93,4 @@ def privatize_embeddings(
         }
         for module, vectors in sorted(emb.experts.items())
     }
-    return ClientEmbeddings(data=data, experts=experts)
+    return ClientEmbeddings(data=data, experts=experts), embedding_norms(emb, clip_norm)

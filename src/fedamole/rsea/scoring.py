@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from fedamole.federation.types import Architecture, ClientEmbeddings
 from fedamole.rsea.solver import architectures_from_assignment, solve_assignments
+from fedamole.types import Architecture, ClientEmbeddings
 
 
 def _vector(value: Tensor, rank: int, what: str) -> np.ndarray:

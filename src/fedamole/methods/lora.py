@@ -7,8 +7,8 @@ differs only in
 - ``shared``: which adapter tensors go to the server and are averaged (per key, over the clients
   that sent it: :func:`fedamole.aggregation.aggregate`); everything else stays on the client;
 - ``phases``: what local training updates, with which adapters active at which weight;
-- ``evaluate_aggregated``: whether a client's model is evaluated after aggregation (the global
-  model plus its private part) or right after its local training.
+- ``evaluates_after_aggregation``: whether a client's model is the aggregated (global) one plus
+  its private part, evaluated after aggregation, or the one it just trained locally.
 
 =========  ==============  ================  =====================
 method     shared          trained           evaluated
@@ -21,7 +21,7 @@ ffa-lora   B               B (A stays init)  after aggregation
 
 FFA-LoRA's A matrices are drawn once from the run seed, identically on every client (what the
 server's one-time initialisation amounts to; that one-off download is not counted), and never
-change. FedDPA (:mod:`fedamole.baselines.feddpa`) adds a second, private adapter.
+change. FedDPA (:mod:`fedamole.methods.feddpa`) adds a second, private adapter.
 
 State travels as flat dicts keyed ``"<adapter>/<PEFT state-dict key>"``, so aggregation,
 checkpoints and ``clients/<id>/adapter.safetensors`` handle it like any other state.
@@ -29,12 +29,9 @@ checkpoints and ``clients/<id>/adapter.safetensors`` handle it like any other st
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from peft import (
@@ -45,25 +42,25 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.aggregation import aggregate
-from fedamole.baselines.method import FederatedMethod, primary_test_metric
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
 from fedamole.evaluation import evaluate_examples
-from fedamole.federation.server import ServerState
+from fedamole.federation.method import (
+    ClientRuntime,
+    FederatedMethod,
+    build_base_model,
+    evaluate_client,
+)
+from fedamole.federation.state import ServerState
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
-from fedamole.federation.types import ClientPayload, ClientUpdate, StateDict
-from fedamole.models import load_base_model
-from fedamole.personalised import load_run_config
-from fedamole.reporting import save_client_model
+from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, Metrics, StateDict
 
 KeyRule = Callable[[str], bool]
-ADAPTER_FILE = "adapter.json"
 DEFAULT = "default"
 
 
@@ -107,9 +104,9 @@ class LoraHandle:
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
     def state(self) -> StateDict:
-        """Every adapter's tensors, as detached copies."""
+        """Every adapter's tensors, as detached CPU copies."""
         return {
-            f"{adapter}/{key}": value.detach().clone()
+            f"{adapter}/{key}": value.detach().cpu().clone()
             for adapter in self.adapters
             for key, value in get_peft_model_state_dict(self.model, adapter_name=adapter).items()
         }
@@ -157,15 +154,7 @@ def _flat_parameters(model: PeftModel, adapters: tuple[str, ...]) -> dict[str, n
     return out
 
 
-@dataclass
-class LoraRuntime:
-    """One client: the shared handle, its data, and the adapter tensors it never uploads."""
-
-    handle: LoraHandle
-    tokenizer: PreTrainedTokenizerBase
-    cfg: Config
-    data: ClientDataset
-    private: StateDict = field(default_factory=dict)
+LoraRuntime = ClientRuntime[LoraHandle]
 
 
 @dataclass(frozen=True)
@@ -177,19 +166,20 @@ class Phase:
 
 
 @dataclass
-class LoraMethod(FederatedMethod):
+class LoraMethod(FederatedMethod[LoraHandle]):
     """A LoRA baseline: FedAvg over the ``shared`` tensors of PEFT adapters (see module doc)."""
 
     name: str
     shared: KeyRule
     phases: tuple[Phase, ...]
-    evaluate_aggregated: bool
+    evaluates_after_aggregation: bool
     communicates: bool = True
+    shares_personal_model: bool = True
     adapters: tuple[str, ...] = (DEFAULT,)
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
-    # ----------------------------------------------------------------- rule a subclass may change
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> dict[str, float]:
+    # ----------------------------------------------------------------- rules a subclass may change
+    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> Metrics:
         """The client's current model on one split, every adapter at full weight."""
         with runtime.handle.mixing({adapter: 1.0 for adapter in self.adapters}):
             return evaluate_examples(
@@ -200,13 +190,13 @@ class LoraMethod(FederatedMethod):
                 runtime.cfg.model.max_length,
             )
 
-    def description(self) -> dict[str, Any]:
+    def inference(self) -> str:
         """How a saved client model is used at inference (for its JSON)."""
-        return {"inference": "every adapter added at full weight (alpha / r)"}
+        return "every adapter added at full weight (alpha / r)"
 
-    # ----------------------------------------------------------------- FederatedMethod
+    # ----------------------------------------------------------------- both sides
     def build(self, cfg: Config) -> tuple[LoraHandle, PreTrainedTokenizerBase]:
-        model, tokenizer = load_base_model(cfg.model.name, cfg.model.dtype)
+        model, tokenizer = build_base_model(cfg)
         torch.manual_seed(cfg.seed)  # LoRA init (A Kaiming-uniform, B = 0) from the run seed
         config = lora_config(cfg.hmole)
         peft_model = get_peft_model(model, config, adapter_name=self.adapters[0])
@@ -223,16 +213,38 @@ class LoraMethod(FederatedMethod):
         cfg: Config,
         data: ClientDataset,
     ) -> LoraRuntime:
+        """A client starts from the run's seeded adapters; what it never shares stays its own."""
         private = {k: v for k, v in self.initial.items() if not self.shared(k)}
         return LoraRuntime(handle, tokenizer, cfg, data, private)
 
-    def init_state(self, cfg: Config, handle: LoraHandle) -> ServerState:
+    # ----------------------------------------------------------------- server side
+    def init_state(self, cfg: Config, handle: LoraHandle, participants: list[int]) -> ServerState:
         store = {k: v for k, v in self.initial.items() if self.shared(k)}
-        return ServerState(round=0, store=store, architectures=[], lr=cfg.optim.lr)
+        return ServerState(0, store, cfg.optim.lr, participants)
 
-    def payload(self, state: ServerState, client_id: int) -> ClientPayload:
-        return ClientPayload(round=state.round, architecture={}, weights=state.store, lr=state.lr)
+    def complete_round(
+        self,
+        cfg: Config,
+        state: ServerState,
+        updates: list[ClientUpdate],
+        next_participants: list[int],
+    ) -> tuple[ServerState, Metrics]:
+        store, _ = aggregate(state.store, updates, weighted=cfg.federation.weighted_aggregation)
+        lr = state.lr * cfg.optim.lr_decay
+        return ServerState(state.round + 1, store, lr, next_participants), {}
 
+    def describe(self, cfg: Config, payload: ClientPayload) -> dict[str, object]:
+        return {
+            "base_model": cfg.model.name,
+            "adapters": list(self.adapters),
+            "lora": cfg.hmole.model_dump(
+                mode="json", include={"rank", "alpha", "dropout", "target_modules"}
+            ),
+            "keys": "<adapter>/<PEFT state-dict key of that adapter>",
+            "inference": self.inference(),
+        }
+
+    # ----------------------------------------------------------------- client side
     def client_round(
         self, payload: ClientPayload, runtime: LoraRuntime, on_step: StepCallback | None = None
     ) -> ClientUpdate:
@@ -242,14 +254,17 @@ class LoraMethod(FederatedMethod):
         losses = [self._train(runtime, phase, payload.lr, seed, on_step) for phase in self.phases]
         trained = runtime.handle.state()
         runtime.private = {k: v for k, v in trained.items() if not self.shared(k)}
-        metrics = {"train_loss": sum(losses) / len(losses)}
-        if not self.evaluate_aggregated:
-            metrics |= self._evaluate(runtime)
+        metrics: Metrics = {"train_loss": sum(losses) / len(losses)}
+        scores = {}
+        if not self.evaluates_after_aggregation:
+            evaluated, scores = self._evaluate(runtime)
+            metrics |= evaluated
         return ClientUpdate(
             client_id=runtime.data.client_id,
             weights={k: v for k, v in trained.items() if self.shared(k)},
             num_examples=len(runtime.data.train),
             metrics=metrics,
+            example_scores=scores,
         )
 
     def _train(
@@ -280,83 +295,14 @@ class LoraMethod(FederatedMethod):
                 on_step=on_step,
             )
 
-    def _evaluate(self, runtime: LoraRuntime) -> dict[str, float]:
-        """The loaded model on the client's validation and test splits, as ``val_*``/``test_*``."""
-        metrics: dict[str, float] = {}
-        for split in ("val", "test"):
-            scores = self.evaluate_split(runtime, getattr(runtime.data.splits, split))
-            metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-        return metrics
+    def _evaluate(self, runtime: LoraRuntime) -> tuple[Metrics, dict[str, list[float]]]:
+        return evaluate_client(runtime, lambda examples: self.evaluate_split(runtime, examples))
 
-    def complete_round(
-        self, cfg: Config, state: ServerState, updates: list[ClientUpdate]
-    ) -> ServerState:
-        store, _ = aggregate(state.store, updates, weighted=cfg.federation.weighted_aggregation)
-        return ServerState(
-            round=state.round + 1,
-            store=store,
-            architectures=[],
-            lr=state.lr * cfg.optim.lr_decay,
-        )
-
-    def personal_state(
-        self, state: ServerState, update: ClientUpdate, runtime: LoraRuntime
-    ) -> StateDict:
-        """The model the client is evaluated with: its private tensors plus the aggregated or
-        the locally trained shared ones."""
-        shared = state.store if self.evaluate_aggregated else update.weights
-        return {**runtime.private, **shared}
-
-    def evaluate_after_round(self, state: ServerState, runtime: LoraRuntime) -> dict[str, float]:
-        if not self.evaluate_aggregated:
-            return {}
-        runtime.handle.load({**runtime.private, **state.store})
-        return self._evaluate(runtime)
-
-    def private_state(self, runtime: LoraRuntime) -> StateDict:
-        return runtime.private
-
-    def restore_private_state(self, runtime: LoraRuntime, state: StateDict) -> None:
-        runtime.private = state
-
-    def save_client(
-        self,
-        run_dir: Path,
-        state: ServerState,
-        payload: ClientPayload,
-        update: ClientUpdate,
-        runtime: LoraRuntime,
-    ) -> None:
-        cfg = runtime.cfg
-        doc = {
-            "client": update.client_id,
-            "method": self.name,
-            "round": payload.round,
-            "base_model": cfg.model.name,
-            "adapters": list(self.adapters),
-            "lora": cfg.hmole.model_dump(
-                mode="json", include={"rank", "alpha", "dropout", "target_modules"}
-            ),
-            "keys": "<adapter>/<PEFT state-dict key of that adapter>",
-            **self.description(),
-            **primary_test_metric(update.metrics),
-        }
-        weights = self.personal_state(state, update, runtime)
-        save_client_model(run_dir, update.client_id, weights, ADAPTER_FILE, doc)
-
-
-def load_client_model(
-    run_dir: Path, client_id: int
-) -> tuple[LoraMethod, LoraHandle, PreTrainedTokenizerBase]:
-    """Rebuild a LoRA baseline client's saved model from ``run_dir/clients/<id>/``."""
-    from fedamole.baselines import get_method  # the registry imports this module
-
-    folder = Path(run_dir) / "clients" / str(client_id)
-    doc = json.loads((folder / ADAPTER_FILE).read_text())
-    method = get_method(doc["method"])
-    handle, tokenizer = method.build(load_run_config(run_dir))
-    handle.load(load_file(str(folder / "adapter.safetensors")))
-    return method, handle, tokenizer
+    def evaluate(self, payload: ClientPayload, runtime: LoraRuntime) -> ClientEvaluation:
+        """The aggregated shared tensors with this client's private ones."""
+        runtime.handle.load({**runtime.private, **payload.weights})
+        metrics, scores = self._evaluate(runtime)
+        return ClientEvaluation(runtime.data.client_id, metrics, scores)
 
 
 def train_single(trains: KeyRule) -> tuple[Phase, ...]:
@@ -370,21 +316,28 @@ def local() -> LoraMethod:
         "local",
         shared=no_key,
         phases=train_single(every_key),
-        evaluate_aggregated=False,
+        evaluates_after_aggregation=False,
         communicates=False,
+        shares_personal_model=False,
     )
 
 
 def fedit() -> LoraMethod:
     """FedIT: FedAvg of one LoRA; each client is served the aggregated (global) model."""
-    return LoraMethod("fedit", every_key, train_single(every_key), evaluate_aggregated=True)
+    return LoraMethod("fedit", every_key, train_single(every_key), evaluates_after_aggregation=True)
 
 
 def fedit_ft() -> LoraMethod:
     """FedIT-FT: FedIT, each client evaluated with the LoRA it just fine-tuned locally."""
-    return LoraMethod("fedit-ft", every_key, train_single(every_key), evaluate_aggregated=False)
+    return LoraMethod(
+        "fedit-ft", every_key, train_single(every_key), evaluates_after_aggregation=False
+    )
 
 
 def ffa_lora() -> LoraMethod:
-    """FFA-LoRA: A frozen at its seeded init, only B trained and averaged; global model served."""
-    return LoraMethod("ffa-lora", lora_b_key, train_single(lora_b_key), evaluate_aggregated=True)
+    """FFA-LoRA: A frozen at its seeded init, only B trained and averaged; global model served.
+    The frozen A is the same seeded tensor on every client, so the personalised model holds
+    nothing the server lacks."""
+    return LoraMethod(
+        "ffa-lora", lora_b_key, train_single(lora_b_key), evaluates_after_aggregation=True
+    )

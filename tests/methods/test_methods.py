@@ -8,14 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from fedamole.baselines import FederatedMethod, get_method
-from fedamole.baselines.feddpa import MAX_LOCAL_WEIGHT, local_weights
-from fedamole.baselines.lora import load_client_model
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
-from fedamole.federation.server import ServerState
-from fedamole.federation.types import ClientUpdate, payload_nbytes, update_nbytes
-from fedamole.personalised import CONFIG_FILE
+from fedamole.federation.method import ClientRuntime, FederatedMethod
+from fedamole.federation.state import ServerState
+from fedamole.methods import get_method
+from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, local_weights
+from fedamole.types import ClientUpdate, Metrics, payload_nbytes, update_nbytes
 
 TINY = [
     "model.name=tiny-random-llama",
@@ -33,16 +32,16 @@ TINY = [
 
 @dataclass
 class Federation:
-    """A method with its clients, stepped round by round as the runner steps it."""
+    """A method with its clients, stepped round by round as the engine steps it."""
 
     cfg: Config
     method: FederatedMethod
     handle: Any
-    clients: list[Any]
+    clients: list[ClientRuntime]
     state: ServerState
     traffic: int = 0
 
-    def play(self, clients: list[Any] | None = None) -> list[ClientUpdate]:
+    def play(self, clients: list[ClientRuntime] | None = None) -> list[ClientUpdate]:
         """One round for ``clients`` (default: all); the server state moves on."""
         updates = []
         for runtime in clients or self.clients:
@@ -50,8 +49,15 @@ class Federation:
             update = self.method.client_round(payload, runtime)
             self.traffic += payload_nbytes(payload) + update_nbytes(update)
             updates.append(update)
-        self.state = self.method.complete_round(self.cfg, self.state, updates)
+        self.state, _ = self.method.complete_round(
+            self.cfg, self.state, updates, self.state.participants
+        )
         return updates
+
+    def evaluate(self, client: int) -> Metrics:
+        """The aggregated model, as the engine asks a method that serves it."""
+        payload = self.method.payload(self.state, client)
+        return self.method.evaluate(payload, self.clients[client]).metrics
 
 
 def federation(name: str, *extra: str) -> Federation:
@@ -62,7 +68,8 @@ def federation(name: str, *extra: str) -> Federation:
         method.runtime(handle, tokenizer, cfg, encode_client(cid, s, tokenizer, 512))
         for cid, s in enumerate(prepare_client_splits(cfg))
     ]
-    return Federation(cfg, method, handle, clients, method.init_state(cfg, handle))
+    state = method.init_state(cfg, handle, list(range(len(clients))))
+    return Federation(cfg, method, handle, clients, state)
 
 
 def _mean(updates: list[ClientUpdate], key: str) -> torch.Tensor:
@@ -81,7 +88,7 @@ def test_fedit_aggregate_is_the_mean_of_client_loras_and_is_what_clients_are_sco
     for key in store:
         torch.testing.assert_close(store[key], _mean(updates, key))
     assert not any(k.startswith("test_") for k in updates[0].metrics)  # scored after aggregation
-    metrics = fed.method.evaluate_after_round(fed.state, fed.clients[1])
+    metrics = fed.evaluate(1)
     assert "test_rougeL" in metrics
     loaded = fed.handle.state()
     assert all(torch.equal(loaded[k], store[k]) for k in store)
@@ -91,7 +98,7 @@ def test_fedit_ft_scores_each_client_after_its_local_training():
     fed = federation("fedit-ft")
     updates = fed.play()
     assert all("test_rougeL" in u.metrics for u in updates)
-    assert fed.method.evaluate_after_round(fed.state, fed.clients[0]) == {}
+    assert not fed.method.evaluates_after_aggregation
 
 
 def test_ffa_lora_never_changes_a_and_only_b_travels():
@@ -138,7 +145,7 @@ def test_feddpa_keeps_the_local_adapter_out_of_aggregation():
     assert not torch.equal(privates[0][local_b], initial[local_b])  # the local adapter trained
     assert not torch.equal(privates[0][local_b], privates[1][local_b])  # ...on its own data
 
-    metrics = fed.method.evaluate_after_round(fed.state, fed.clients[0])
+    metrics = fed.evaluate(0)
     assert metrics["test_num_examples"] == len(fed.clients[0].data.splits.test)
     weights = local_weights(fed.clients[0], fed.clients[0].data.splits.test)
     assert ((weights >= 0) & (weights <= MAX_LOCAL_WEIGHT)).all()
@@ -156,26 +163,37 @@ def test_fedamole_r_keeps_its_round_zero_assignment():
 def test_fedamole_h_gives_every_client_the_same_expert_count():
     fed = federation("fedamole-h")
     for _ in range(2):
-        counts = {
-            sum(len(experts) for experts in arch.values()) for arch in fed.state.architectures
-        }
-        per_module = {tuple(len(arch[m]) for m in arch) for arch in fed.state.architectures}
+        archs = fed.state.architectures.values()
+        counts = {sum(len(experts) for experts in arch.values()) for arch in archs}
+        per_module = {tuple(len(arch[m]) for m in arch) for arch in archs}
         assert len(counts) == 1 and len(per_module) == 1
         fed.play()
 
 
-@pytest.mark.parametrize("name", ["ffa-lora", "feddpa"])
-def test_saved_client_model_loads_back(tmp_path, name):
+@pytest.mark.parametrize("name", ["ffa-lora", "feddpa", "fedit"])
+def test_personal_model_is_the_aggregate_with_the_private_part(name):
     fed = federation(name)
-    payload = fed.method.payload(fed.state, 0)
-    update = fed.method.client_round(payload, fed.clients[0])
-    fed.state = fed.method.complete_round(fed.cfg, fed.state, [update])
-    update.metrics |= fed.method.evaluate_after_round(fed.state, fed.clients[0])
-    (tmp_path / CONFIG_FILE).write_text(fed.cfg.to_yaml())
-    fed.method.save_client(tmp_path, fed.state, payload, update, fed.clients[0])
+    fed.play()
+    client = fed.clients[0]
+    fed.method.evaluate(fed.method.payload(fed.state, 0), client)
+    expected = {**client.private, **fed.state.store}
+    personal = fed.method.personal_model(client)
+    assert personal.keys() == expected.keys()
+    assert all(torch.equal(personal[k], expected[k]) for k in expected)
+    assert fed.method.shares_personal_model == (name != "feddpa")
 
-    expected = {**fed.clients[0].private, **fed.state.store}
-    method, handle, _ = load_client_model(tmp_path, 0)
-    loaded = handle.state()
-    assert method.name == name and loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+def _uploaded_embeddings(*extra: str) -> torch.Tensor:
+    """Client 0's uploaded data embeddings after round 0 of a fresh run with these settings."""
+    fed = federation("fedamole", "privacy.enabled=true", *extra)
+    update = fed.method.client_round(fed.method.payload(fed.state, 0), fed.clients[0])
+    return torch.stack(list(update.embeddings.data.values()))
+
+
+def test_privacy_noise_is_unpredictable_from_the_run_seed():
+    """The server knows the run seed, the round and the client: it must not be able to redraw
+    the noise. Same run seed twice -> different noise; only privacy.seed (tests) repeats it."""
+    assert not torch.equal(_uploaded_embeddings(), _uploaded_embeddings())
+    assert torch.equal(
+        _uploaded_embeddings("privacy.seed=5"), _uploaded_embeddings("privacy.seed=5")
+    )

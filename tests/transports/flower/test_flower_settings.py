@@ -9,7 +9,7 @@ import pytest
 from flwr.common.config import flatten_dict
 
 from fedamole.config import Config, ConfigError
-from fedamole.runners.flower.settings import config_overrides, load_settings
+from fedamole.transports.flower.settings import config_overrides, load_settings
 
 BASE = {"config-file": "", "reply-timeout": 30, "join-timeout": 60.0}
 

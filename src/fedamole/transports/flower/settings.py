@@ -18,21 +18,28 @@ from flwr.app import UserConfig, UserConfigValue
 from fedamole.config import Config, load_config
 
 CONFIG_FILE = "config-file"
+METHOD = "method"
+RESUME = "resume"
 REPLY_TIMEOUT = "reply-timeout"
 JOIN_TIMEOUT = "join-timeout"
-_APP_KEYS = {CONFIG_FILE, REPLY_TIMEOUT, JOIN_TIMEOUT}
+_APP_KEYS = {CONFIG_FILE, METHOD, RESUME, REPLY_TIMEOUT, JOIN_TIMEOUT}
 
 # Node config keys (`flower-supernode --node-config`), set by each organisation for its node.
 PARTITION_ID = "partition-id"  # this node's client id, 0 .. num-partitions - 1
 NUM_PARTITIONS = "num-partitions"  # must equal federation.num_clients
 DATA_PATH = "data-path"  # optional: the organisation's own data file instead of a partition
+STATE_DIR = "state-dir"  # optional: where the node keeps private tensors and its own model
 
 
 @dataclass(frozen=True)
 class FlowerSettings:
-    """What the ServerApp needs: the validated run config and its waiting limits (seconds)."""
+    """What the ServerApp needs: the validated run config, the method ("" = FedAMoLE as
+    ``rsea.mode`` says), whether to resume ``output.dir`` from its checkpoint, and the waiting
+    limits (seconds)."""
 
     config: Config
+    method: str | None
+    resume: bool
     reply_timeout: float
     join_timeout: float
 
@@ -57,6 +64,8 @@ def load_settings(run_config: UserConfig, app_dir: Path) -> FlowerSettings:
     path = app_dir / name if name else None
     return FlowerSettings(
         config=load_config(path, config_overrides(run_config)),
+        method=str(run_config.get(METHOD, "")) or None,
+        resume=bool(run_config.get(RESUME, False)),
         reply_timeout=float(run_config[REPLY_TIMEOUT]),
         join_timeout=float(run_config[JOIN_TIMEOUT]),
     )

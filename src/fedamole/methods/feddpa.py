@@ -25,18 +25,18 @@ example at a time.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedamole.baselines.lora import LoraMethod, LoraRuntime, Phase, adapter_key
 from fedamole.data.example import DataError, Example
 from fedamole.data.prompts import render_prompt
 from fedamole.data.tokenize import encode_example
+from fedamole.device import model_device
 from fedamole.evaluation import evaluate_examples
+from fedamole.methods.lora import LoraMethod, LoraRuntime, Phase, adapter_key
 
 GLOBAL, LOCAL = "global", "local"
 TRAIN_MIX = 0.5  # weight of each adapter while the local adapter trains
@@ -55,7 +55,8 @@ class FedDPA(LoraMethod):
                 Phase({GLOBAL: TRAIN_MIX, LOCAL: 1 - TRAIN_MIX}, adapter_key(LOCAL)),
                 Phase({GLOBAL: 1.0}, adapter_key(GLOBAL)),
             ),
-            evaluate_aggregated=True,
+            evaluates_after_aggregation=True,
+            shares_personal_model=False,
             adapters=(GLOBAL, LOCAL),
         )
 
@@ -89,15 +90,13 @@ class FedDPA(LoraMethod):
                 )
         return _mean_scores(scores)
 
-    def description(self) -> dict[str, Any]:
-        return {
-            "inference": (
-                f"h = W0 x + (1 - a) * global + a * local, a = {MAX_LOCAL_WEIGHT} * mean cosine "
-                f"similarity (clipped to [0, {MAX_LOCAL_WEIGHT}]) of the prompt's last-token "
-                f"last-layer state (local adapter only) to {NUM_ANCHORS} of the client's "
-                "training prompts"
-            )
-        }
+    def inference(self) -> str:
+        return (
+            f"h = W0 x + (1 - a) * global + a * local, a = {MAX_LOCAL_WEIGHT} * mean cosine "
+            f"similarity (clipped to [0, {MAX_LOCAL_WEIGHT}]) of the prompt's last-token "
+            f"last-layer state (local adapter only) to {NUM_ANCHORS} of the client's "
+            "training prompts"
+        )
 
 
 def local_weights(runtime: LoraRuntime, examples: list[Example]) -> Tensor:
@@ -131,7 +130,7 @@ def last_token_states(runtime: LoraRuntime, prompts: list[str]) -> Tensor:
         size = runtime.cfg.eval.batch_size
         for start in range(0, len(prompts), size):
             batch = tokenizer(prompts[start : start + size], return_tensors="pt", padding=True)
-            batch = batch.to(next(model.parameters()).device)
+            batch = batch.to(model_device(model))
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
             states.append(hidden[:, -1].float())
     finally:

@@ -12,15 +12,18 @@ from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedamole.config import load_config
-from fedamole.federation.server import ServerState
-from fedamole.federation.types import ClientUpdate
+from fedamole.federation.state import ServerState
 from fedamole.hmole.keys import state_keys
-from fedamole.runners.flower.records import (
+from fedamole.methods import FedAMoLE
+from fedamole.reporting import RunDir
+from fedamole.transports.flower.records import (
     identity_to_record,
     payload_from_record,
     update_to_record,
 )
-from fedamole.runners.flower.server_app import IDENTIFY_TIMEOUT, Roster, train_round
+from fedamole.transports.flower.server_app import IDENTIFY_TIMEOUT, FlowerTransport, Roster
+from fedamole.transports.flower.settings import FlowerSettings
+from fedamole.types import ClientUpdate
 
 Reply = Callable[[Message], Message | None]  # None: the node never answers
 
@@ -85,8 +88,23 @@ def _state() -> ServerState:
     archs = [{"m.q_proj": [0, 1]}, {"m.q_proj": [1, 2]}, {"m.q_proj": [0, 2]}, {"m.q_proj": [1, 2]}]
     keys = {k for arch in archs for k in state_keys(arch)}
     return ServerState(
-        round=4, store={k: torch.ones(2, 3) for k in keys}, architectures=archs, lr=0.5
+        round=4,
+        store={k: torch.ones(2, 3) for k in keys},
+        lr=0.5,
+        participants=[0, 1, 2, 3],
+        architectures=dict(enumerate(archs)),
     )
+
+
+def _train_round(grid: ScriptedGrid, timeout: float, tmp_path) -> dict[int, ClientUpdate]:
+    """The transport's training exchange for the 4 clients of ``_state()``."""
+    cfg = load_config(None, ["federation.num_clients=4", f"output.dir={tmp_path}"])
+    settings = FlowerSettings(cfg, None, False, reply_timeout=timeout, join_timeout=1)
+    run_dir = RunDir(tmp_path)
+    run_dir.start(cfg, "fedamole")
+    transport = FlowerTransport(grid, settings, cfg, "fedamole", run_dir)
+    state, method = _state(), FedAMoLE()
+    return transport.train(state.round, {c: method.payload(state, c) for c in range(4)})
 
 
 def trains(client: int) -> Reply:
@@ -106,34 +124,45 @@ def _garbles(msg: Message) -> Message:
     return Message(RecordDict(), reply_to=msg)
 
 
-def test_silent_failing_and_garbled_clients_are_dropped_and_the_others_kept(caplog):
-    grid = ScriptedGrid({11: trains(0), 22: silent, 33: _fails, 44: _garbles})
-    cfg = load_config(None, ["federation.num_clients=4"])
-    with caplog.at_level(logging.WARNING, logger="fedamole"):
-        results = train_round(grid, cfg, _state(), {0: 11, 1: 22, 2: 33, 3: 44}, timeout=7.5)
+def _roster_grid(nodes: dict[int, Reply]) -> ScriptedGrid:
+    """A grid whose node n (11, 22, ...) answers the identity query as client n // 11 - 1 and
+    then trains through ``nodes[n]``."""
 
-    assert [update.client_id for _, update in results] == [0]
-    payload, _ = results[0]
+    def answer(node: int) -> Reply:
+        return lambda msg: (
+            identity(node // 11 - 1, 4)(msg)
+            if msg.metadata.message_type == "query"
+            else nodes[node](msg)
+        )
+
+    return ScriptedGrid({node: answer(node) for node in nodes})
+
+
+def test_silent_failing_and_garbled_clients_are_dropped_and_the_others_kept(caplog, tmp_path):
+    grid = _roster_grid({11: trains(0), 22: silent, 33: _fails, 44: _garbles})
+    with caplog.at_level(logging.WARNING, logger="fedamole"):
+        updates = _train_round(grid, 7.5, tmp_path)
+
+    assert list(updates) == [0]
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    payload = payload_from_record(sent[0].content)
     assert payload.architecture == {"m.q_proj": [0, 1]} and payload.round == 4
-    assert grid.timeouts == [7.5]
-    assert all(m.metadata.ttl == 7.5 and m.metadata.group_id == "4" for m in grid.sent)
-    to_client_1 = payload_from_record(grid.sent[1].content).weights
+    assert grid.timeouts == [IDENTIFY_TIMEOUT, 7.5]
+    assert all(m.metadata.ttl == 7.5 and m.metadata.group_id == "4" for m in sent)
+    to_client_1 = payload_from_record(sent[1].content).weights
     assert {k for k in to_client_1 if ".experts." in k} == {
         f"m.q_proj.experts.{e}.lora_{part}" for e in (1, 2) for part in "AB"
     }
-    assert (
-        "round 4: client 1 dropped from this round (no reply from node 22 within 7.5 s)"
-        in caplog.text
-    )
-    assert "round 4: client 2 dropped from this round (node 33: ClientApp raised)" in caplog.text
-    assert "round 4: client 3 dropped from this round (node 44: unreadable reply" in caplog.text
+    dropped = "dropped from this round's train"
+    assert f"round 4: client 1 {dropped} (no reply from node 22 within 7.5 s)" in caplog.text
+    assert f"round 4: client 2 {dropped} (node 33: ClientApp raised)" in caplog.text
+    assert f"round 4: client 3 {dropped} (node 44: unreadable reply" in caplog.text
 
 
-def test_a_client_without_online_node_is_reported_dropped(caplog):
-    grid = ScriptedGrid({11: trains(0), 22: trains(1)})
-    cfg = load_config(None, ["federation.num_clients=4"])
+def test_a_client_without_online_node_is_reported_dropped(caplog, tmp_path):
+    grid = _roster_grid({11: trains(0), 22: trains(1)})
     with caplog.at_level(logging.WARNING, logger="fedamole"):
-        results = train_round(grid, cfg, _state(), {0: 11, 1: 22}, timeout=5)
-    assert [update.client_id for _, update in results] == [0, 1]
-    assert "round 4: client 2 dropped from this round (no SuperNode online)" in caplog.text
-    assert "client 3 dropped from this round (no SuperNode online)" in caplog.text
+        updates = _train_round(grid, 5, tmp_path)
+    assert list(updates) == [0, 1]
+    assert "round 4: client 2 dropped from this round's train (no SuperNode online)" in caplog.text
+    assert "client 3 dropped from this round's train (no SuperNode online)" in caplog.text

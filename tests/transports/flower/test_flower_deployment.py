@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 from fedamole.config import load_config
 from fedamole.hmole.keys import state_keys
-from fedamole.runners.simulation import run_simulation
+from fedamole.transports.in_process import run_simulation
 
 
 def _records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return sorted(
-        (json.loads(line) for line in lines), key=lambda r: (r["round"], r["client"], r["split"])
+        (json.loads(line) for line in lines),
+        key=lambda r: (r["round"], r.get("client", -1), r["split"]),
     )
 
 

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from fedamole.config import ConfigError, load_config
 from fedamole.data.example import DataError
+from fedamole.federation.participation import participants
+from fedamole.reporting import RunDir, RunDirError
 from fedamole.rsea.solver import InfeasibleAssignmentError
-from fedamole.runners.simulation import RunDirError, run_simulation
+from fedamole.transports.in_process import run_simulation
 
 TINY = [
     "model.name=tiny-random-llama",
@@ -45,9 +47,13 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     summary = run_simulation(tiny_config(out))
     assert (out / "config.yaml").is_file()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["split"] != "server"]
     assert len(records) == 2 * 3 * 2  # rounds x clients x (val, test)
     assert {r["split"] for r in records} == {"val", "test"}
+    server = [r for r in map(json.loads, lines) if r["split"] == "server"]
+    assert [r["round"] for r in server] == [0, 1]  # RSEA diagnostics, one record per round
+    assert all(0 <= r["rsea_assignment_change"] <= 1 for r in server)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and "train_loss" in r for r in records)
     for rnd in (0, 1):
         doc = json.loads((out / "assignments" / f"round_{rnd:03d}.json").read_text())
@@ -146,3 +152,48 @@ def test_unknown_and_bad_config_keys_are_named():
         load_config(None, ["federation.roundz=2"])
     with pytest.raises(ConfigError, match="hmole.rank"):
         load_config(None, ["hmole.rank=0"])
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sampled_participation_trains_and_assigns_only_the_sampled_clients(tmp_path):
+    extra = ["federation.num_clients=4", "federation.clients_per_round=2", "federation.rounds=3"]
+    out = tmp_path / "sampled"
+    summary = run_simulation(tiny_config(out, *extra))
+    cfg = tiny_config(out, *extra)
+    for rnd in range(3):
+        sampled = participants(cfg, rnd)
+        assert len(sampled) == 2
+        trained = {r["client"] for r in _records(out) if r["round"] == rnd and "client" in r}
+        assert trained == set(sampled)
+        doc = json.loads((out / "assignments" / f"round_{rnd:03d}.json").read_text())
+        assert sorted(map(int, doc["clients"])) == sampled
+    assert len({tuple(participants(cfg, rnd)) for rnd in range(3)}) > 1  # samples do change
+    rounds_of = {int(c): v["rounds"] for c, v in summary["per_client"].items()}
+    assert sum(rounds_of.values()) == 3 * 2
+
+
+def test_resumed_sampled_run_replays_the_same_samples(tmp_path):
+    extra = ["federation.num_clients=4", "federation.clients_per_round=0.5", "federation.rounds=3"]
+    reference = run_simulation(tiny_config(tmp_path / "reference", *extra))
+    out = tmp_path / "killed"
+    save = RunDir.save_checkpoint
+
+    def killed(run_dir, checkpoint):
+        save(run_dir, checkpoint)
+        if checkpoint.state.round == 1:
+            raise KeyboardInterrupt  # right after round 0's checkpoint
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_simulation(tiny_config(out, *extra))
+    resumed = run_simulation(tiny_config(out, *extra), resume=True)
+    assert _metrics_of(resumed) == _metrics_of(reference)
+    for rnd in range(3):
+        name = f"round_{rnd:03d}.json"
+        assert (out / "assignments" / name).read_text() == (
+            tmp_path / "reference" / "assignments" / name
+        ).read_text()

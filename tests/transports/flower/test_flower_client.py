@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fedamole.config import load_config
-from fedamole.runners.flower.client_round import local_splits
+from fedamole.transports.flower.node import local_splits
 
 
 def test_own_file_is_split_like_a_partition_and_reproducibly(tmp_path):

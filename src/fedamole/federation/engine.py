@@ -1,0 +1,250 @@
+"""THE round loop, for every method and every transport.
+
+The engine sets up or resumes a run, and each round: picks the participants, builds their
+payloads, has the transport run the clients' training, lets the method complete the round
+(aggregation, re-assignment), has the transport evaluate the aggregated model where the method
+serves it, records metrics and bytes, checkpoints, and after the last round writes the clients'
+personalised models, the summary and the plots. How messages travel is the transport's business:
+in this process (:mod:`fedamole.transports.in_process`) or over Flower
+(:mod:`fedamole.transports.flower`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+from fedamole.checkpoint import Checkpoint
+from fedamole.config import Config
+from fedamole.federation.method import FederatedMethod
+from fedamole.federation.participation import participants
+from fedamole.federation.state import ServerState
+from fedamole.reporting import (
+    Record,
+    RunDir,
+    example_score_rows,
+    metric_records,
+    primary_name,
+    server_record,
+    summarise,
+)
+from fedamole.types import (
+    ClientEvaluation,
+    ClientPayload,
+    ClientUpdate,
+    Metrics,
+    StateDict,
+    payload_nbytes,
+    to_wire,
+    update_nbytes,
+)
+
+log = logging.getLogger("fedamole.engine")
+
+
+class Transport(Protocol):
+    """How the engine reaches the clients. A client missing from a reply dict dropped out of
+    that step (the transport logs why); the round goes on with the others."""
+
+    def connect(self) -> None:
+        """Get ready before the first round (Flower: wait for the organisations' nodes)."""
+        ...
+
+    def train(self, round_idx: int, payloads: dict[int, ClientPayload]) -> dict[int, ClientUpdate]:
+        """Each addressed client trains on its payload; their updates by client id."""
+        ...
+
+    def evaluate(
+        self, round_idx: int, payloads: dict[int, ClientPayload]
+    ) -> dict[int, ClientEvaluation]:
+        """Each addressed client evaluates the model built from its payload."""
+        ...
+
+    def client_states(self) -> dict[int, StateDict]:
+        """Private client tensors to checkpoint with the server state ({} when the clients keep
+        them on their own machines)."""
+        ...
+
+    def restore_client_states(self, states: dict[int, StateDict]) -> None: ...
+
+
+StateFactory = Callable[[list[int]], ServerState]
+
+
+@dataclass
+class Engine:
+    """One run of ``method`` over ``transport``, recorded in ``run_dir``."""
+
+    cfg: Config
+    method: FederatedMethod
+    transport: Transport
+    run_dir: RunDir
+    console: Console = field(default_factory=Console)
+    records: list[Record] = field(default_factory=list, init=False)
+    example_scores: list[Record] = field(default_factory=list, init=False)
+
+    def run(self, initial_state: StateFactory, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) every round; returns the summary written to summary.json."""
+        started = time.perf_counter()
+        state, previous_time = self._start(initial_state, resume)
+        self.transport.connect()
+
+        def elapsed() -> float:
+            return previous_time + time.perf_counter() - started
+
+        while state.round < self.cfg.federation.rounds:
+            state = self._round(state)
+            self.run_dir.write_records(self.records)
+            self.run_dir.write_example_scores(self.example_scores)
+            checkpoint = Checkpoint(state, self.transport.client_states(), elapsed())
+            self.run_dir.save_checkpoint(checkpoint)
+        summary = {"method": self.method.name, **summarise(self.records, elapsed())}
+        self.run_dir.write_summary(summary)
+        self.run_dir.write_plots(self.records, self.run_dir.latest_architectures())
+        self.console.print(summary_table(summary))
+        self.console.print(
+            f"outputs in {self.run_dir.path}/ (summary.json, metrics.jsonl, clients/)"
+        )
+        return summary
+
+    def _start(self, initial_state: StateFactory, resume: bool) -> tuple[ServerState, float]:
+        if resume and self.run_dir.has_checkpoint:
+            checkpoint = self.run_dir.load_checkpoint()
+            self.transport.restore_client_states(checkpoint.client_states)
+            self.records = self.run_dir.read_records(before_round=checkpoint.state.round)
+            self.example_scores = self.run_dir.read_example_scores(checkpoint.state.round)
+            self.console.print(f"resuming {self.run_dir.path} at round {checkpoint.state.round}")
+            return checkpoint.state, checkpoint.wall_time_s
+        if not resume:
+            self.run_dir.start(self.cfg, self.method.name)
+        return initial_state(participants(self.cfg, 0)), 0.0
+
+    def _payload(self, state: ServerState, client_id: int) -> ClientPayload:
+        payload = self.method.payload(state, client_id)
+        return replace(payload, weights=to_wire(payload.weights, self.cfg.federation.wire_dtype))
+
+    def _round(self, state: ServerState) -> ServerState:
+        """One round: train, complete, evaluate after aggregation if the method says so, record."""
+        round_idx = state.round
+        architectures = self.method.architectures(state)
+        if architectures:
+            self.run_dir.write_assignment(round_idx, architectures)
+        payloads = {c: self._payload(state, c) for c in state.participants}
+        updates = self.transport.train(round_idx, payloads)
+        next_state, diagnostics = self.method.complete_round(
+            self.cfg,
+            state,
+            [updates[c] for c in sorted(updates)],
+            participants(self.cfg, round_idx + 1),
+        )
+        evaluations: dict[int, ClientEvaluation] = {}
+        eval_bytes: dict[int, int] = {}
+        if self.method.evaluates_after_aggregation and updates:
+            eval_payloads = {
+                c: replace(self._payload(next_state, c), round=round_idx) for c in sorted(updates)
+            }
+            eval_bytes = {c: payload_nbytes(p) for c, p in eval_payloads.items()}
+            evaluations = self.transport.evaluate(round_idx, eval_payloads)
+        self._record(round_idx, payloads, updates, evaluations, eval_bytes, diagnostics)
+        if round_idx == self.cfg.federation.rounds - 1:
+            self._save_client_models(round_idx, payloads, updates, evaluations)
+        return next_state
+
+    def _record(
+        self,
+        round_idx: int,
+        payloads: dict[int, ClientPayload],
+        updates: dict[int, ClientUpdate],
+        evaluations: dict[int, ClientEvaluation],
+        eval_bytes: dict[int, int],
+        diagnostics: Metrics,
+    ) -> None:
+        """Metrics and bytes per client that completed the round, and the server's record."""
+        completed: dict[int, Metrics] = {}
+        for c, update in sorted(updates.items()):
+            metrics, scores = dict(update.metrics), dict(update.example_scores)
+            if self.method.evaluates_after_aggregation:
+                if c not in evaluations:
+                    log.warning("round %d: client %d trained but was not evaluated", round_idx, c)
+                    continue
+                metrics |= evaluations[c].metrics
+                scores |= evaluations[c].example_scores
+            down = payload_nbytes(payloads[c]) + eval_bytes.get(c, 0)
+            self.records += metric_records(round_idx, c, metrics, update_nbytes(update), down)
+            self.example_scores += example_score_rows(round_idx, c, scores)
+            completed[c] = metrics
+        self.records += server_record(round_idx, diagnostics)
+        if completed:
+            self.console.print(round_table(round_idx, completed))
+
+    def _save_client_models(
+        self,
+        round_idx: int,
+        payloads: dict[int, ClientPayload],
+        updates: dict[int, ClientUpdate],
+        evaluations: dict[int, ClientEvaluation],
+    ) -> None:
+        """Each client's personalised model after the last round, with how to rebuild it. A model
+        that never leaves the client's machine is noted, not written."""
+        replies = evaluations if self.method.evaluates_after_aggregation else updates
+        for c, reply in sorted(replies.items()):
+            test = {k: v for k, v in reply.metrics.items() if k.startswith("test_")}
+            if not test:
+                continue
+            metric = f"test_{primary_name({k.removeprefix('test_'): v for k, v in test.items()})}"
+            doc = {
+                "client": c,
+                "method": self.method.name,
+                "round": round_idx,
+                **self.method.describe(self.cfg, payloads[c]),
+                metric: test[metric],
+            }
+            if reply.personal_model is None:
+                doc["weights"] = "kept on the client's own node (it holds private tensors)"
+            self.run_dir.save_client_model(
+                c, reply.personal_model, self.method.client_model_file, doc
+            )
+
+
+def round_table(round_idx: int, metrics: dict[int, Metrics]) -> Table:
+    table = Table(title=f"round {round_idx}")
+    first = next(iter(metrics.values()))
+    names = sorted(k for k in first if k.startswith(("val_", "test_")) and "num_examples" not in k)
+    for column in ("client", "train_loss", *names):
+        table.add_column(column, justify="right")
+    for client, values in metrics.items():
+        table.add_row(
+            str(client),
+            f"{values.get('train_loss', float('nan')):.3f}",
+            *(f"{values.get(n, float('nan')):.3f}" for n in names),
+        )
+    return table
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    metric = summary["metric"]
+    table = Table(title=f"final per-client test {metric} (last round / validation-selected round)")
+    for column in ("client", "last", "selected", "selected round"):
+        table.add_column(column, justify="right")
+    for cid, values in summary["per_client"].items():
+        table.add_row(
+            cid,
+            f"{values['last'][metric]:.4f}",
+            f"{values['selected'][metric]:.4f}",
+            str(values["selected"]["round"]),
+        )
+    table.add_row(
+        "mean",
+        f"{summary['mean']['last'][metric]:.4f}",
+        f"{summary['mean']['selected'][metric]:.4f}",
+        "",
+    )
+    best = summary["best_round"]
+    table.add_row(f"best mean-val round {best['round']}", "", f"{best[metric]:.4f}", "")
+    return table

@@ -1,0 +1,58 @@
+"""Federated fine-tuning methods, by name, all behind one interface
+(:class:`fedamole.federation.method.FederatedMethod`) so the round engine drives them alike.
+
+FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``) and the baselines users
+would otherwise pick (``local``, ``fedit``, ``fedit-ft``, ``ffa-lora``, ``feddpa``), all on the
+same data pipeline, seeds, training loop and budget (see :mod:`fedamole.methods.lora`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedamole.config import Config, ConfigError
+from fedamole.federation.method import FederatedMethod
+from fedamole.methods.fedamole import FedAMoLE
+from fedamole.methods.feddpa import FedDPA
+from fedamole.methods.lora import LoraMethod, fedit, fedit_ft, ffa_lora, local
+
+METHODS: dict[str, Callable[[], FederatedMethod]] = {
+    "local": local,
+    "fedit": fedit,
+    "fedit-ft": fedit_ft,
+    "ffa-lora": ffa_lora,
+    "feddpa": FedDPA,
+    "fedamole": lambda: FedAMoLE("fedamole"),
+    "fedamole-r": lambda: FedAMoLE("fedamole-r"),
+    "fedamole-h": lambda: FedAMoLE("fedamole-h"),
+}
+FEDAMOLE_VARIANTS = tuple(FedAMoLE.MODES)
+
+
+class UnknownMethodError(ConfigError):
+    """A method name that is not registered; the message lists the known ones."""
+
+
+def get_method(name: str) -> FederatedMethod:
+    """A fresh instance of the named method (one per run: methods keep their build state)."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]()
+
+
+def resolve_method(name: str | None, cfg: Config) -> FederatedMethod:
+    """A method from its name; None means FedAMoLE as the config's ``rsea.mode`` says."""
+    return FedAMoLE.for_config(cfg) if name is None else get_method(name)
+
+
+__all__ = [
+    "FEDAMOLE_VARIANTS",
+    "METHODS",
+    "FedAMoLE",
+    "FedDPA",
+    "FederatedMethod",
+    "LoraMethod",
+    "UnknownMethodError",
+    "get_method",
+    "resolve_method",
+]

@@ -1,0 +1,171 @@
+"""What a SuperNode does with the server's messages: build this client exactly as the in-process
+transport builds it (same method, model, split of the same data), run the client job, and keep
+what must stay on the organisation's machine there.
+
+Private tensors (a baseline's local adapter, say) live in the node's ``state-dir``, one file per
+round (``private_round_NNN.safetensors``: the state at the start of that round), so a round that
+is sent again after a server restart, or a client sampled again after rounds away, starts from
+exactly the right state. In the last round the node also writes its personalised model there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from flwr.app import RecordDict, UserConfig
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from fedamole.config import Config
+from fedamole.data.pipeline import encode_client, is_classification, prepare_client_splits
+from fedamole.data.sources import load_source
+from fedamole.data.splits import ClientSplits, split_client
+from fedamole.federation.client import evaluate_job, train_job
+from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
+from fedamole.methods import get_method
+from fedamole.models import model_cache_dir
+from fedamole.transports.flower.records import (
+    RunInfo,
+    evaluation_to_record,
+    payload_from_record,
+    run_from_record,
+    update_to_record,
+)
+from fedamole.transports.flower.settings import DATA_PATH, PARTITION_ID, STATE_DIR
+from fedamole.types import ClientPayload, StateDict
+
+
+def train_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
+    """The round's payload in, this client's update out."""
+    node = Node.for_message(content, node_config)
+    payload = payload_from_record(content)
+    runtime = node.runtime(payload.round)
+    update = train_job(node.method, payload, runtime)
+    node.save_private(payload.round + 1, runtime.private)
+    update.personal_model = node.keep_personal_model(payload, update.personal_model)
+    return update_to_record(update)
+
+
+def evaluate_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
+    """The aggregated payload in, this client's evaluation (after its own training) out."""
+    node = Node.for_message(content, node_config)
+    payload = payload_from_record(content)
+    runtime = node.runtime(payload.round + 1)
+    evaluation = evaluate_job(node.method, payload, runtime)
+    evaluation.personal_model = node.keep_personal_model(payload, evaluation.personal_model)
+    return evaluation_to_record(evaluation)
+
+
+@dataclass
+class Node:
+    """This organisation's client of one run."""
+
+    run: RunInfo
+    method: FederatedMethod
+    cfg: Config
+    client_id: int
+    data_path: Path | None
+    folder: Path  # this run's private files on this node
+
+    @classmethod
+    def for_message(cls, content: RecordDict, node_config: UserConfig) -> Node:
+        run = run_from_record(content)
+        method, cfg = _method(run.method, run.config.to_yaml())
+        client_id = int(node_config[PARTITION_ID])
+        data_path = Path(str(node_config[DATA_PATH])) if node_config.get(DATA_PATH) else None
+        state_dir = Path(str(node_config.get(STATE_DIR) or model_cache_dir() / "nodes"))
+        folder = state_dir / run.run_id / f"client{client_id}"
+        return cls(run, method, cfg, client_id, data_path, folder)
+
+    def runtime(self, round_idx: int) -> ClientRuntime:
+        """This client's model and data, with its private state as of the start of ``round_idx``.
+        Deployment starts one process per message, so this is rebuilt each time; simulated
+        clients of one worker share the model, as in-process ones do."""
+        handle, tokenizer = _model(self.run.method, self.cfg.to_yaml())
+        splits = (
+            local_splits(self.cfg, self.data_path, self.client_id)
+            if self.data_path
+            else _splits(self.cfg.to_yaml())[self.client_id]
+        )
+        data = encode_client(self.client_id, splits, tokenizer, self.cfg.model.max_length)
+        runtime = self.method.runtime(handle, tokenizer, self.cfg, data)
+        saved = self._latest_private(round_idx)
+        if saved is not None:
+            runtime.private = load_file(str(saved))
+        return runtime
+
+    def _latest_private(self, round_idx: int) -> Path | None:
+        files = sorted(self.folder.glob("private_round_*.safetensors"))
+        usable = [f for f in files if int(f.stem.rsplit("_", 1)[1]) <= round_idx]
+        return usable[-1] if usable else None
+
+    def save_private(self, round_idx: int, private: StateDict) -> None:
+        """The private state at the start of ``round_idx`` (written then renamed)."""
+        if not private:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"private_round_{round_idx:03d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in private.items()}, str(tmp))
+        tmp.replace(path)
+
+    def keep_personal_model(
+        self, payload: ClientPayload, model: StateDict | None
+    ) -> StateDict | None:
+        """Write the last round's personalised model on this node; send it to the server only
+        when the method shares it (else it holds tensors that never leave the organisation)."""
+        if model is None:
+            return None
+        folder = self.folder / "model"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in model.items()}, str(folder / "adapter.safetensors")
+        )
+        doc = {
+            "client": self.client_id,
+            "method": self.method.name,
+            "round": payload.round,
+            **self.method.describe(self.cfg, payload),
+        }
+        (folder / self.method.client_model_file).write_text(json.dumps(doc, indent=1))
+        return model if self.method.shares_personal_model else None
+
+
+# Keyed by strings (a Config is not hashable); one entry, as one process serves one run.
+@lru_cache(maxsize=1)
+def _method(name: str, cfg_yaml: str) -> tuple[FederatedMethod, Config]:
+    method = get_method(name)
+    return method, method.configure(_config(cfg_yaml))
+
+
+@lru_cache(maxsize=1)
+def _model(name: str, cfg_yaml: str) -> tuple[ModelHandle, PreTrainedTokenizerBase]:
+    method, cfg = _method(name, cfg_yaml)
+    return method.build(cfg)
+
+
+@lru_cache(maxsize=1)
+def _splits(cfg_yaml: str) -> list[ClientSplits]:
+    return prepare_client_splits(_config(cfg_yaml))
+
+
+def _config(cfg_yaml: str) -> Config:
+    return Config.model_validate(yaml.safe_load(cfg_yaml))
+
+
+def local_splits(cfg: Config, path: Path, client_id: int) -> ClientSplits:
+    """An organisation's own file, split like a partition; read as JSONL when the run's source
+    is synthetic, else in the run's source format."""
+    source = "jsonl" if cfg.data.source == "synthetic" else cfg.data.source
+    examples = load_source(cfg.data.model_copy(update={"source": source, "path": path}), cfg.seed)
+    return split_client(
+        examples,
+        cfg.data,
+        cfg.seed + client_id,
+        is_classification(examples),
+        name=f"client {client_id} ({path})",
+    )
