@@ -25,6 +25,9 @@ class ModelConfig(_Section):
     max_length: int = Field(192, gt=8, description="examples longer than this (tokens) are dropped")
 
 
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion"]
+
+
 class ColumnMap(_Section):
     """Which field (JSONL) or column (Hugging Face set) holds each part of an example.
 
@@ -44,7 +47,7 @@ class DataConfig(_Section):
         "synthetic", description="hf = any Hugging Face data set (data.path folder or data.hf_id)"
     )
     path: Path | None = Field(None, description="local file/folder; None = built-in or hub")
-    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
+    format: DataFormat = Field(
         "auto", description="row shape of jsonl/hf data; auto = detected from the first row"
     )
     columns: ColumnMap = Field(default_factory=ColumnMap)
