@@ -105,8 +105,8 @@ def test_snli_small_alpha_gives_mostly_single_label_clients(shared_data, num_cli
 
 def test_snli_large_alpha_gives_near_uniform_label_shares(shared_data) -> None:
     """Dirichlet(100) over 5 clients: a client's fraction of one label has sd
-    sqrt(0.2 * 0.8 / 501) = 0.018 around 0.2, i.e. 9 % relative, so each label's share of a
-    client stays within a few hundredths of its overall share; 0.1 is beyond 3 sd."""
+    sqrt(0.2 * 0.8 / 501) = 0.018 around 0.2, i.e. 9 % relative noise per label, so a label's
+    share of a client (~1/3) has sd about 1/3 * 0.09 * sqrt(2/3) = 0.025; 0.1 is 4 sd."""
     labels = _snli_labels(shared_data)
     overall = {label: count / len(labels) for label, count in Counter(labels).items()}
     for seed in range(3):
