@@ -323,6 +323,8 @@ def _messages_parts(where: str, row: Mapping[str, Any], columns: ColumnMap) -> t
     return instruction, transcript, dialogue[-1][1]
 
 
+# (instruction, input, output) of a row, per row format; all take the column map, which only
+# the alpaca shape reads.
 _PARTS = {
     "alpaca": _alpaca_parts,
     "messages": _messages_parts,
