@@ -69,3 +69,37 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_num_groups_checked_against_num_clients_for_the_groups_partition():
+    with pytest.raises(ConfigError, match=r"data\.num_groups=5 exceeds federation\.num_clients=4"):
+        load_config(None, ["data.partition=groups", "data.num_groups=5"])
+    ok = load_config(None, ["data.partition=groups", "data.num_groups=4"])
+    assert ok.data.num_groups == ok.federation.num_clients == 4
+    # other partitions ignore num_groups, so one client with the default of 2 is fine
+    assert load_config(None, ["federation.num_clients=1"]).data.num_groups == 2
+    with pytest.raises(ConfigError, match="data.num_groups"):
+        load_config(None, ["data.num_groups=0"])
+
+
+def test_own_data_settings_parse():
+    cfg = load_config(
+        None,
+        [
+            "data.source=hf",
+            "data.hf_id=org/set",
+            "data.hf_split=validation",
+            "data.format=messages",
+            "data.columns.label=topic",
+        ],
+    )
+    assert (cfg.data.hf_id, cfg.data.hf_split, cfg.data.format) == (
+        "org/set",
+        "validation",
+        "messages",
+    )
+    assert cfg.data.columns.label == "topic" and cfg.data.columns.instruction is None
+    with pytest.raises(ConfigError, match="data.columns.question: unknown key"):
+        load_config(None, ["data.columns.question=q"])
+    with pytest.raises(ConfigError, match="data.format"):
+        load_config(None, ["data.format=sharegpt"])

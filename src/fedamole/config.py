@@ -48,11 +48,39 @@ class ModelConfig(_Section):
         return value
 
 
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion"]
+
+
+class ColumnMap(_Section):
+    """Which field (JSONL) or column (Hugging Face set) holds each part of an example.
+
+    None = the usual names: instruction; input or context; output or response; label or
+    category. A named field must be present in every row; the unnamed input and label are
+    optional (empty input; label `default`, which label-defined partitions reject).
+    """
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    label: str | None = None
+
+
 class DataConfig(_Section):
-    source: Literal["synthetic", "dolly", "natural_instructions", "snli", "jsonl"] = "synthetic"
+    source: Literal["synthetic", "dolly", "natural_instructions", "snli", "jsonl", "hf"] = Field(
+        "synthetic", description="hf = any Hugging Face data set (data.path folder or data.hf_id)"
+    )
     path: Path | None = Field(None, description="local file/folder; None = built-in or hub")
-    partition: Literal["dirichlet", "task", "iid"] = "dirichlet"
+    format: DataFormat = Field(
+        "auto", description="row shape of jsonl/hf data; auto = detected from the first row"
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    hf_id: str | None = Field(None, description="hub id of a data set (data.source=hf)")
+    hf_split: str = Field("train", description="split of a hub or saved data set (source=hf)")
+    partition: Literal["dirichlet", "task", "groups", "iid"] = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
+    num_groups: int = Field(
+        2, ge=1, description="client groups with disjoint tasks (data.partition=groups)"
+    )
     min_client_size: int = Field(20, ge=1)
     synthetic_per_task: int = Field(120, ge=1, description="synthetic examples per task family")
     max_examples: int | None = Field(None, ge=1, description="cap on examples read from the source")
@@ -187,6 +215,15 @@ class Config(_Section):
             raise ValueError(
                 f"federation.clients_per_round={count} exceeds federation.num_clients="
                 f"{self.federation.num_clients}; lower it or use a fraction such as 0.5"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _every_group_has_a_client(self) -> Config:
+        if self.data.partition == "groups" and self.data.num_groups > self.federation.num_clients:
+            raise ValueError(
+                f"data.num_groups={self.data.num_groups} exceeds federation.num_clients="
+                f"{self.federation.num_clients}: data.partition=groups needs a client per group"
             )
         return self
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedamole.config import DataConfig
-from fedamole.data.example import DataError, Example
+from fedamole.config import ColumnMap, DataConfig
+from fedamole.data.example import UNLABELLED, DataError, Example
 from fedamole.data.prompts import NLI_LABELS
 from fedamole.data.sources import (
     load_dolly,
@@ -182,3 +182,201 @@ def test_stratified_subsample_keeps_shares_and_order() -> None:
     assert kept == sorted(kept, key=examples.index)
     assert kept == stratified_subsample(examples, 101, seed=1)
     assert kept != stratified_subsample(examples, 101, seed=2)
+
+
+# Own data: conversational JSONL shapes and any Hugging Face data set.
+
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+        "category": "geo",
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Pick a number."},
+            {"role": "assistant", "content": "7."},
+            {"role": "user", "content": "Double it."},
+            {"role": "user", "content": "Then add one."},
+            {"role": "assistant", "content": "15."},
+        ],
+        "label": "math",
+    },
+]
+
+
+def test_messages_jsonl_last_reply_is_output_earlier_turns_are_input(tmp_path: Path) -> None:
+    examples = load_jsonl(_write_jsonl(tmp_path / "chat.jsonl", CHAT))
+    assert examples == [
+        Example("Be brief.\n\nCapital of France?", "", "Paris.", "geo", source="jsonl"),
+        Example(
+            "Double it.\n\nThen add one.",
+            "User: Pick a number.\nAssistant: 7.",
+            "15.",
+            "math",
+            source="jsonl",
+        ),
+    ]
+
+
+def test_prompt_completion_jsonl(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Say hi.", "completion": "Hi!", "category": "greet"},
+        {"prompt": "Say bye.", "completion": "Bye!"},
+    ]
+    path = _write_jsonl(tmp_path / "pc.jsonl", rows)
+    assert load_source(DataConfig(source="jsonl", path=path), seed=0) == [
+        Example("Say hi.", "", "Hi!", "greet", source="jsonl"),
+        Example("Say bye.", "", "Bye!", UNLABELLED, source="jsonl"),
+    ]
+
+
+def test_jsonl_column_mapping_and_integer_labels(tmp_path: Path) -> None:
+    rows = [{"q": "2+2?", "ctx": "arithmetic", "a": "4", "cls": 1}]
+    columns = ColumnMap(instruction="q", input="ctx", output="a", label="cls")
+    path = _write_jsonl(tmp_path / "own.jsonl", rows)
+    assert load_jsonl(path, "alpaca", columns) == [
+        Example("2+2?", "arithmetic", "4", "1", source="jsonl")
+    ]
+    with pytest.raises(
+        DataError, match=r"own\.jsonl, line 1: missing field 'ctx2' \(fields present"
+    ):
+        load_jsonl(path, "alpaca", columns.model_copy(update={"input": "ctx2"}))
+
+
+BAD_CHAT_ROWS = [
+    ({"category": "x"}, r"field 'messages' must be a non-empty list .*got nothing"),
+    ({"messages": "hi"}, r"field 'messages' must be a non-empty list .*got str"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, r"field 'messages\[0\]\.role' is 'bot'"),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]},
+        r"field 'messages\[1\]\.content' must be a string, got int",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+        r"field 'messages' must end with the assistant's reply",
+    ),
+    (
+        {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+        r"field 'messages': the last assistant message must follow a user message",
+    ),
+    ({**CHAT[0], "category": 1.5}, r"field 'category' must be a string or an integer class"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_CHAT_ROWS)
+def test_bad_messages_row_names_file_line_and_field(tmp_path: Path, bad, message) -> None:
+    path = _write_jsonl(tmp_path / "chat.jsonl", [CHAT[0], "", bad])
+    with pytest.raises(DataError, match=rf"chat\.jsonl, line 3: {message}"):
+        load_jsonl(path, "messages")
+
+
+def test_bad_prompt_completion_row_names_file_line_and_field(tmp_path: Path) -> None:
+    path = _write_jsonl(
+        tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}]
+    )
+    with pytest.raises(DataError, match=r"pc\.jsonl, line 2: missing field 'completion'"):
+        load_jsonl(path)
+    path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": ["p"], "completion": "c"}])
+    with pytest.raises(DataError, match=r"pc\.jsonl, line 1: field 'prompt' must be a string"):
+        load_jsonl(path)
+
+
+def test_auto_format_follows_the_first_row_and_names_a_row_that_differs(tmp_path: Path) -> None:
+    path = _write_jsonl(
+        tmp_path / "mixed.jsonl", [CHAT[0], {"instruction": "i", "output": "o"}, CHAT[1]]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"mixed\.jsonl, line 2: row in alpaca format, but the first row \(.*line 1\) is in "
+        "messages format",
+    ):
+        load_jsonl(path)
+    path = _write_jsonl(tmp_path / "unknown.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(
+        DataError, match=r"line 1: cannot tell the row format.*'question', 'answer'"
+    ):
+        load_jsonl(path)
+
+
+def _save_hf(folder: Path, columns: dict[str, list], **class_names: list[str]) -> Path:
+    """`Dataset.save_to_disk`: string columns, and a `ClassLabel` column per `class_names`."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = {
+        name: ClassLabel(names=class_names[name]) if name in class_names else Value("string")
+        for name in columns
+    }
+    Dataset.from_dict(columns, features=Features(features)).save_to_disk(str(folder))
+    return folder
+
+
+QA_COLUMNS = {
+    "question": ["What is 2+2?", "Name a colour."],
+    "context": ["", "Primary colours."],
+    "answer": ["4", "Red"],
+    "topic": [0, 1],
+}
+QA_MAP = {"instruction": "question", "input": "context", "output": "answer", "label": "topic"}
+
+
+def test_saved_hf_dataset_with_column_mapping_and_class_names(tmp_path: Path) -> None:
+    folder = _save_hf(tmp_path / "hf_set", QA_COLUMNS, topic=["math", "art"])
+    cfg = DataConfig(source="hf", path=folder, columns=ColumnMap(**QA_MAP), partition="iid")
+    assert load_source(cfg, seed=0) == [
+        Example("What is 2+2?", "", "4", "math", source="hf"),
+        Example("Name a colour.", "Primary colours.", "Red", "art", source="hf"),
+    ]
+
+
+def test_saved_hf_dict_takes_the_configured_split(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    rows = {"instruction": ["a", "b"], "output": ["x", "y"]}
+    folder = tmp_path / "dict"
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(
+        str(folder)
+    )
+    cfg = DataConfig(source="hf", path=folder, hf_split="test")
+    assert [ex.output for ex in load_source(cfg, seed=0)] == ["x", "y"]
+    with pytest.raises(
+        DataError, match=r"no split 'dev'; set data\.hf_split to one of: train, test"
+    ):
+        load_source(cfg.model_copy(update={"hf_split": "dev"}), seed=0)
+
+
+def test_hf_folder_of_files_in_messages_form(tmp_path: Path, monkeypatch) -> None:
+    """A folder of .jsonl files goes through datasets.load_dataset(folder)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    _write_jsonl(folder / "part.jsonl", CHAT)
+    examples = load_source(DataConfig(source="hf", path=folder), seed=0)
+    assert [(ex.instruction, ex.output, ex.label) for ex in examples] == [
+        ("Be brief.\n\nCapital of France?", "Paris.", "geo"),
+        ("Double it.\n\nThen add one.", "15.", "math"),
+    ]
+
+
+def test_bad_hf_row_names_data_set_row_and_field(tmp_path: Path) -> None:
+    folder = _save_hf(tmp_path / "hf_set", {**QA_COLUMNS, "answer": ["4", None]})
+    cfg = DataConfig(source="hf", path=folder, columns=ColumnMap(**QA_MAP))
+    with pytest.raises(DataError, match=r"hf_set, row index 1: missing field 'answer'"):
+        load_source(cfg, seed=0)
+    classes = _save_hf(tmp_path / "cls", {**QA_COLUMNS, "topic": [0, -1]}, topic=["math", "art"])
+    with pytest.raises(
+        DataError, match=r"row index 1: field 'topic' is -1, not one of .*math, art"
+    ):
+        load_source(cfg.model_copy(update={"path": classes}), seed=0)
+
+
+def test_hf_needs_a_folder_or_a_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.source=hf needs data\.path .* or data\.hf_id"):
+        load_source(DataConfig(source="hf"), seed=0)
+    with pytest.raises(DataError, match=r"data\.path .*nowhere does not exist"):
+        load_source(DataConfig(source="hf", path=tmp_path / "nowhere"), seed=0)

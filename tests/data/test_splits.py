@@ -8,6 +8,7 @@ import pytest
 
 from fedamole.config import DataConfig
 from fedamole.data.example import DataError, Example
+from fedamole.data.partition import partition_examples
 from fedamole.data.sources import load_snli
 from fedamole.data.splits import ClientSplits, split_client
 
@@ -52,15 +53,31 @@ def test_configured_caps() -> None:
     assert _sizes(split_client(_rows(500), cfg, 0, True))[1:] == (3, 5, 7)
 
 
-def test_groups_stay_in_one_split(shared_data: Path) -> None:
-    examples = load_snli(shared_data / "snli" / "snli_sample.jsonl")
-    splits = split_client(examples, UNCAPPED, seed=0, is_classification=True)
-    owners = {}
+def _assert_groups_in_one_split(splits: ClientSplits) -> None:
+    owners: dict[str | None, str] = {}
     for name in ("train", "aux", "val", "test"):
         for ex in getattr(splits, name):
             assert owners.setdefault(ex.group, name) == name
+
+
+def test_groups_stay_in_one_split(shared_data: Path) -> None:
+    examples = load_snli(shared_data / "snli" / "snli_sample.jsonl")
+    splits = split_client(examples, UNCAPPED, seed=0, is_classification=True)
+    _assert_groups_in_one_split(splits)
     assert len(_all(splits)) == len(examples)
     assert abs(len(splits.test) - 62) <= 3  # within one group of the 10 % target
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0])
+def test_groups_spread_over_clients_stay_in_one_split_of_each(shared_data: Path, alpha) -> None:
+    """Label partitions cut premises over clients; within each client a premise's pairs still
+    share one split, so no premise is both trained on and tested by a client."""
+    examples = load_snli(shared_data / "snli" / "snli_sample.jsonl")
+    cfg = DataConfig(source="snli", dirichlet_alpha=alpha, min_client_size=20)
+    for client_id, client in enumerate(partition_examples(examples, cfg, 5, seed=42)):
+        splits = split_client(client, cfg, 42 + client_id, is_classification=True)
+        _assert_groups_in_one_split(splits)
+        assert sorted(_all(splits), key=examples.index) == client
 
 
 def test_deterministic_per_seed() -> None:
