@@ -194,6 +194,12 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Path("runs/default")
+    tracker: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
+        "none", description="where metrics.jsonl is mirrored; wandb/mlflow need their extras"
+    )
+    tracker_project: str = Field(
+        "fedamole", min_length=1, description="W&B project / MLflow experiment name"
+    )
 
 
 class Config(_Section):
