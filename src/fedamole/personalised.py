@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config, ConfigError, load_config
 from fedamole.data.example import Example
-from fedamole.data.prompts import render_prompt
+from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.evaluation import generate
 from fedamole.hmole import HMoLEAdapter, inject_hmole
 from fedamole.models import load_base_model
@@ -38,13 +38,11 @@ class PersonalisedModel:
     """One client's model: the frozen backbone with its own experts, ready to answer."""
 
     adapter: HMoLEAdapter
-    tokenizer: PreTrainedTokenizerBase
+    prompter: Prompter
 
     def answer(self, instruction: str, input_text: str = "", max_new_tokens: int = 64) -> str:
-        prompt = render_prompt(
-            Example(instruction=instruction, input=input_text, output="", label="")
-        )
-        return generate(self.adapter.model, self.tokenizer, [prompt], max_new_tokens, 1)[0]
+        example = Example(instruction=instruction, input=input_text, output="", label="")
+        return generate(self.adapter.model, self.prompter, [example], max_new_tokens, 1)[0]
 
 
 def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
@@ -59,4 +57,4 @@ def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
     adapter, tokenizer = build_hmole_model(cfg)
     adapter.set_architecture(json.loads((folder / "architecture.json").read_text())["architecture"])
     adapter.load_state(load_file(str(folder / "adapter.safetensors")))
-    return PersonalisedModel(adapter, tokenizer)
+    return PersonalisedModel(adapter, build_prompter(tokenizer, cfg.data.prompt_format))

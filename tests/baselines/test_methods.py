@@ -13,6 +13,7 @@ from fedamole.baselines.feddpa import MAX_LOCAL_WEIGHT, local_weights
 from fedamole.baselines.lora import load_client_model
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
+from fedamole.data.prompts import build_prompter
 from fedamole.federation.server import ServerState
 from fedamole.federation.types import ClientUpdate, payload_nbytes, update_nbytes
 from fedamole.personalised import CONFIG_FILE
@@ -58,8 +59,9 @@ def federation(name: str, *extra: str) -> Federation:
     method = get_method(name)
     cfg = method.configure(load_config(None, [*TINY, *extra]))
     handle, tokenizer = method.build(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
     clients = [
-        method.runtime(handle, tokenizer, cfg, encode_client(cid, s, tokenizer, 512))
+        method.runtime(handle, tokenizer, cfg, encode_client(cid, s, prompter, 512))
         for cid, s in enumerate(prepare_client_splits(cfg))
     ]
     return Federation(cfg, method, handle, clients, method.init_state(cfg, handle))

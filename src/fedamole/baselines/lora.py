@@ -54,7 +54,7 @@ from fedamole.baselines.method import FederatedMethod, primary_test_metric
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.evaluation import evaluate_examples
+from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
 from fedamole.federation.server import ServerState
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
 from fedamole.federation.types import ClientPayload, ClientUpdate, StateDict
@@ -189,15 +189,16 @@ class LoraMethod(FederatedMethod):
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
     # ----------------------------------------------------------------- rule a subclass may change
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> dict[str, float]:
+    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
         """The client's current model on one split, every adapter at full weight."""
         with runtime.handle.mixing({adapter: 1.0 for adapter in self.adapters}):
             return evaluate_examples(
                 runtime.handle.model,
-                runtime.tokenizer,
+                runtime.data.prompter,
                 examples,
                 runtime.cfg.eval,
                 runtime.cfg.model.max_length,
+                classification=runtime.data.classification,
             )
 
     def description(self) -> dict[str, Any]:
@@ -282,11 +283,12 @@ class LoraMethod(FederatedMethod):
 
     def _evaluate(self, runtime: LoraRuntime) -> dict[str, float]:
         """The loaded model on the client's validation and test splits, as ``val_*``/``test_*``."""
-        metrics: dict[str, float] = {}
-        for split in ("val", "test"):
-            scores = self.evaluate_split(runtime, getattr(runtime.data.splits, split))
-            metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-        return metrics
+        return split_metrics(
+            {
+                split: self.evaluate_split(runtime, getattr(runtime.data.splits, split))
+                for split in ("val", "test")
+            }
+        )
 
     def complete_round(
         self, cfg: Config, state: ServerState, updates: list[ClientUpdate]

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config
 from fedamole.data.pipeline import ClientDataset
-from fedamole.evaluation import evaluate_examples
+from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
 from fedamole.federation.training import (
     StepCallback,
     fixed_batches,
@@ -35,20 +35,19 @@ class ClientRuntime:
     data: ClientDataset
 
 
-def evaluate_client(runtime: ClientRuntime) -> dict[str, float]:
-    """The personalised model on its own validation and test splits, as ``val_*``/``test_*``."""
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        examples = getattr(runtime.data.splits, split)
-        scores = evaluate_examples(
+def evaluate_client(runtime: ClientRuntime) -> dict[str, SplitScores]:
+    """The personalised model on its own validation and test splits, per example."""
+    return {
+        split: evaluate_examples(
             runtime.adapter.model,
-            runtime.tokenizer,
-            examples,
+            runtime.data.prompter,
+            getattr(runtime.data.splits, split),
             runtime.cfg.eval,
             runtime.cfg.model.max_length,
+            classification=runtime.data.classification,
         )
-        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-    return metrics
+        for split in ("val", "test")
+    }
 
 
 def run_client_round(
@@ -72,7 +71,7 @@ def run_client_round(
         aux_loss=adapter.load_balancing_loss,
         on_step=on_step,
     )
-    metrics = {"train_loss": train_loss, **evaluate_client(runtime)}
+    metrics = {"train_loss": train_loss, **split_metrics(evaluate_client(runtime))}
     embeddings = compute_embeddings(adapter, fixed_batches(data.aux, cfg.eval.batch_size, pad_id))
     if cfg.privacy.enabled:
         embeddings = privatize_embeddings(

@@ -19,6 +19,7 @@ from fedamole.baselines import FedAMoLE, FederatedMethod, get_method
 from fedamole.checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
+from fedamole.data.prompts import build_prompter
 from fedamole.federation.server import ServerState
 from fedamole.federation.types import (
     ClientUpdate,
@@ -166,9 +167,10 @@ def run_simulation(
     if resume:
         check_run_method(run_dir, cfg, method.name)
     handle, tokenizer = method.build(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
     clients = [
         method.runtime(
-            handle, tokenizer, cfg, encode_client(cid, s, tokenizer, cfg.model.max_length)
+            handle, tokenizer, cfg, encode_client(cid, s, prompter, cfg.model.max_length)
         )
         for cid, s in enumerate(splits)
     ]

@@ -11,9 +11,15 @@ from flwr.app import RecordDict, UserConfig
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config
-from fedamole.data.pipeline import encode_client, is_classification, prepare_client_splits
+from fedamole.data.pipeline import (
+    TaskSplits,
+    encode_client,
+    is_classification,
+    prepare_client_splits,
+)
+from fedamole.data.prompts import build_prompter
 from fedamole.data.sources import load_source
-from fedamole.data.splits import ClientSplits, split_client
+from fedamole.data.splits import split_client
 from fedamole.federation.client import ClientRuntime, run_client_round
 from fedamole.hmole import HMoLEAdapter
 from fedamole.personalised import build_hmole_model
@@ -38,8 +44,9 @@ def client_runtime(cfg: Config, client_id: int, data_path: Path | None) -> Clien
     key = cfg.to_yaml()
     adapter, tokenizer = _model(key)
     splits = local_splits(cfg, data_path, client_id) if data_path else _splits(key)[client_id]
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
     return ClientRuntime(
-        adapter, tokenizer, cfg, encode_client(client_id, splits, tokenizer, cfg.model.max_length)
+        adapter, tokenizer, cfg, encode_client(client_id, splits, prompter, cfg.model.max_length)
     )
 
 
@@ -50,7 +57,7 @@ def _model(cfg_yaml: str) -> tuple[HMoLEAdapter, PreTrainedTokenizerBase]:
 
 
 @lru_cache(maxsize=1)
-def _splits(cfg_yaml: str) -> list[ClientSplits]:
+def _splits(cfg_yaml: str) -> list[TaskSplits]:
     return prepare_client_splits(_config(cfg_yaml))
 
 
@@ -58,15 +65,17 @@ def _config(cfg_yaml: str) -> Config:
     return Config.model_validate(yaml.safe_load(cfg_yaml))
 
 
-def local_splits(cfg: Config, path: Path, client_id: int) -> ClientSplits:
+def local_splits(cfg: Config, path: Path, client_id: int) -> TaskSplits:
     """An organisation's own file, split like a partition; read as JSONL when the run's source
     is synthetic, else in the run's source format."""
     source = "jsonl" if cfg.data.source == "synthetic" else cfg.data.source
     examples = load_source(cfg.data.model_copy(update={"source": source, "path": path}), cfg.seed)
-    return split_client(
+    classification = is_classification(examples)
+    splits = split_client(
         examples,
         cfg.data,
         cfg.seed + client_id,
-        is_classification(examples),
+        classification,
         name=f"client {client_id} ({path})",
     )
+    return TaskSplits(splits, classification)
