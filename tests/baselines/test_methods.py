@@ -141,8 +141,16 @@ def test_feddpa_keeps_the_local_adapter_out_of_aggregation():
     assert not torch.equal(privates[0][local_b], privates[1][local_b])  # ...on its own data
 
     metrics = fed.method.evaluate_after_round(fed.state, fed.clients[0])
-    assert metrics["test_num_examples"] == len(fed.clients[0].data.splits.test)
-    weights = local_weights(fed.clients[0], fed.clients[0].data.splits.test)
+    test = fed.clients[0].data.splits.test
+    assert metrics["test_num_examples"] == len(test)
+    scores = fed.method.evaluate_split(fed.clients[0], test)  # per example, in the split's order
+    assert scores.example_indices == list(range(len(test)))
+    assert {k: len(v) for k, v in scores.values.items()} == {
+        "rougeL": len(test),
+        "exact_match": len(test),
+    }
+    assert metrics["test_rougeL"] == pytest.approx(sum(scores.values["rougeL"]) / len(test))
+    weights = local_weights(fed.clients[0], test)
     assert ((weights >= 0) & (weights <= MAX_LOCAL_WEIGHT)).all()
 
 
