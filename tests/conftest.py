@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny random Llama and the shared data samples."""
+"""Shared fixtures: the tiny random Llama, a ChatML tokenizer for it, the shared data samples."""
 
 from __future__ import annotations
 
