@@ -49,7 +49,7 @@ def test_tokenizer_without_template_gets_alpaca(tiny_tokenizer, prompt_format: s
 
 
 def test_chat_without_template_is_a_clear_error(tiny_tokenizer) -> None:
-    with pytest.raises(ValueError, match="data.prompt_format=chat.*no chat template"):
+    with pytest.raises(ConfigError, match="data.prompt_format=chat.*no chat template"):
         build_prompter(tiny_tokenizer, "chat")
 
 
@@ -87,7 +87,7 @@ def test_chatml_prompt_target_and_stop_tokens(chatml_tokenizer, prompt_format: s
 def test_unusable_chat_templates_are_refused(template: str, problem: str) -> None:
     tokenizer = load_base_model("tiny-random-llama")[1]
     tokenizer.chat_template = template
-    with pytest.raises(ValueError, match=f"data.prompt_format=chat.*{problem}.*=alpaca"):
+    with pytest.raises(ConfigError, match=f"data.prompt_format=chat.*{problem}.*=alpaca"):
         build_prompter(tokenizer, "auto")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from fedamole.config import PromptFormat
+from fedamole.config import ConfigError, PromptFormat
 from fedamole.data.example import Example
 
 PROMPT_WITH_INPUT = (
@@ -107,14 +107,17 @@ def build_prompter(
     a clear error naming ``data.prompt_format``, raised here, before any training."""
     has_template = bool(tokenizer.chat_template)
     if prompt_format == "chat" and not has_template:
-        raise ValueError(
+        raise ConfigError(
             f"data.prompt_format=chat but the tokenizer ({tokenizer.name_or_path or 'unnamed'}) "
             "has no chat template; use data.prompt_format=alpaca (or auto)"
         )
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     if prompt_format == "alpaca" or (prompt_format == "auto" and not has_template):
         if not eos:
-            raise ValueError("the tokenizer has no eos token; Alpaca responses must end with one")
+            raise ConfigError(
+                "the tokenizer of model.name has no eos token, which Alpaca responses "
+                "(data.prompt_format=alpaca) end with; use a model whose tokenizer has one"
+            )
         return Prompter(tokenizer, chat=False, stop_token_ids=eos)
     end_of_turn = _end_of_turn_ids(tokenizer)
     stop_token_ids = tuple(dict.fromkeys((*end_of_turn, *eos)))
@@ -135,7 +138,7 @@ def _chat_target(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
     prompt = _render_chat(tokenizer, example, with_response=False)
     conversation = _render_chat(tokenizer, example, with_response=True)
     if not conversation.startswith(prompt):
-        raise ValueError(
+        raise ConfigError(
             "data.prompt_format=chat: the chat template does not render a conversation as the "
             "generation prompt followed by the answer, so the answer tokens cannot be separated; "
             "use data.prompt_format=alpaca"
@@ -148,7 +151,7 @@ def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     target = _chat_target(tokenizer, _PROBE)
     answer_at = target.find(_PROBE.output)
     if answer_at < 0:
-        raise ValueError(
+        raise ConfigError(
             "data.prompt_format=chat: the chat template does not render the assistant's answer "
             "verbatim; use data.prompt_format=alpaca"
         )
@@ -156,7 +159,7 @@ def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     ids = tokenizer(ending, add_special_tokens=False)["input_ids"]
     special = tuple(dict.fromkeys(i for i in ids if _is_special(tokenizer, i)))
     if not special:
-        raise ValueError(
+        raise ConfigError(
             f"data.prompt_format=chat: the chat template ends an assistant turn with {ending!r}, "
             "which holds no special token, so generation could not stop at the end of a turn; "
             "use data.prompt_format=alpaca"
