@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny random Llama and the shared data samples."""
+"""Shared fixtures: the tiny random Llama, a ChatML tokenizer for it, the shared data samples."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ def shared_data() -> Path:
             f"shared data samples not found at {SHARED_DATA} (../shared/data beside the repo)"
         )
     return SHARED_DATA
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """The tiny tokenizer with ChatML's two special tokens and turns, as SmolLM2-Instruct renders
+    them (without its default system message). A model using it must be resized to its vocab."""
+    tokenizer = load_base_model("tiny-random-llama")[1]
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer

@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from fedamole.config import ConfigError, load_config  # noqa: E402
+from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
-from fedamole.reporting import CONFIG_FILE, SUMMARY, atomic_write_text  # noqa: E402
+from fedamole.reporting import CONFIG_FILE, SUMMARY  # noqa: E402
 from fedamole.transports.in_process import run_simulation  # noqa: E402
 
 HEADLINE = "selected"

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+PromptFormat = Literal["auto", "chat", "alpaca"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -91,6 +93,9 @@ class DataConfig(_Section):
     aux_cap: int = Field(200, ge=1)
     test_cap: int | None = Field(None, ge=1, description="None: 200 classification, 50 generation")
     val_cap: int | None = Field(None, ge=1)
+    prompt_format: PromptFormat = Field(
+        "auto", description="auto = the tokenizer's chat template if it has one, else Alpaca"
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> DataConfig:

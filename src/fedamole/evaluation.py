@@ -1,29 +1,53 @@
 """Per-client evaluation as in the paper: ROUGE-L F1 on greedy generations for open-ended tasks,
 accuracy by lowest mean token loss over the answer choices for classification.
 
-All metrics are fractions in [0, 1] (ROUGE-L is not multiplied by 100).
+All metrics are fractions in [0, 1] (ROUGE-L is not multiplied by 100). The task type is the
+data set's (see :class:`fedamole.data.pipeline.TaskSplits`), never guessed from one split.
+Scores are kept per example (:class:`SplitScores`), so that uncertainty can be estimated by
+resampling clients and examples, paired across methods; rounds report their means.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedamole.config import EvalConfig
 from fedamole.data.example import DataError, Example
-from fedamole.data.prompts import render_prompt
-from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_pair
+from fedamole.data.prompts import Prompter
+from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_labelled
 
 log = logging.getLogger("fedamole.evaluation")
 
+ACCURACY, ROUGE_L, EXACT_MATCH = "accuracy", "rougeL", "exact_match"
 _TRAILING_PUNCTUATION = ".,;:!?"
+# Scripts written without spaces between words (Han, Hiragana, Katakana): one token a character.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_ROUGE_TOKEN = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+|[^\w\s]")
+
+
+class RougeTokenizer(tokenizers.Tokenizer):
+    """Lower-cased runs of Unicode letters and digits, single punctuation and sign characters,
+    and single characters of unspaced scripts.
+
+    rouge-score's default keeps only ASCII letters and digits: "28486" would match "-28486"
+    exactly and any non-Latin answer would score 0.
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        return _ROUGE_TOKEN.findall(text.lower())
+
+
+_ROUGE_SCORER = rouge_scorer.RougeScorer([ROUGE_L], tokenizer=RougeTokenizer())
 
 
 def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
@@ -34,15 +58,14 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
         )
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 in [0, 1] (rouge-score tokenising: lower case, alphanumeric, unstemmed)."""
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 in [0, 1] of each prediction against its reference (:class:`RougeTokenizer`,
+    unstemmed)."""
     _check_pairs(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    scores = [
-        scorer.score(reference, prediction)["rougeL"].fmeasure
+    return [
+        _ROUGE_SCORER.score(reference, prediction)[ROUGE_L].fmeasure
         for prediction, reference in zip(predictions, references, strict=True)
     ]
-    return sum(scores) / len(scores)
 
 
 def normalize_answer(text: str) -> str:
@@ -51,14 +74,57 @@ def normalize_answer(text: str) -> str:
     return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Share of predictions equal to their reference after `normalize_answer`."""
+def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1.0 for each prediction equal to its reference after `normalize_answer`, else 0.0."""
     _check_pairs(predictions, references)
-    hits = [
-        normalize_answer(prediction) == normalize_answer(reference)
+    return [
+        float(normalize_answer(prediction) == normalize_answer(reference))
         for prediction, reference in zip(predictions, references, strict=True)
     ]
-    return sum(hits) / len(hits)
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """One evaluation split's scores, one value per metric and kept example.
+
+    `values[name][i]` belongs to the split's example `example_indices[i]` (examples too long for
+    the model are skipped); the order is the split's, so runs on the same data pair up.
+    `classification` is the data set's task type; it decides the metrics and the primary one.
+    """
+
+    classification: bool
+    values: dict[str, list[float]]
+    example_indices: list[int]
+
+    def __post_init__(self) -> None:
+        expected = {ACCURACY} if self.classification else {ROUGE_L, EXACT_MATCH}
+        if set(self.values) != expected:
+            raise ValueError(f"expected the metrics {sorted(expected)}, got {sorted(self.values)}")
+        if any(len(v) != len(self.example_indices) for v in self.values.values()):
+            raise ValueError("every metric needs one value per scored example")
+
+    @property
+    def primary(self) -> str:
+        """The metric model selection uses: accuracy for classification, else ROUGE-L."""
+        return ACCURACY if self.classification else ROUGE_L
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_indices)
+
+    def means(self) -> dict[str, float]:
+        """{"num_examples", then each metric's mean}, as rounds report them."""
+        means = {name: float(np.mean(values)) for name, values in self.values.items()}
+        return {"num_examples": float(self.num_examples), **means}
+
+
+def split_metrics(scores: Mapping[str, SplitScores]) -> dict[str, float]:
+    """Means of several splits as flat ``<split>_<metric>`` keys, e.g. ``val_rougeL``."""
+    return {
+        f"{split}_{name}": value
+        for split, split_scores in scores.items()
+        for name, value in split_scores.means().items()
+    }
 
 
 @contextmanager
@@ -92,39 +158,40 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def _until_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+    return next((ids[:i] for i, token in enumerate(ids) if token in stop_ids), ids)
 
 
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompter: Prompter,
+    examples: Sequence[Example],
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (new text only).
+    """Greedy answers to `examples`' prompts (new text only, stripped).
 
     Prompts are left-padded so every continuation starts right after its prompt. Generation
-    stops at the tokenizer's eos, the token training appends to every response (a model's
-    generation_config may name another one).
+    stops at the prompter's stop tokens (the tokens training ends every response with; a
+    model's generation_config may name others).
     """
-    eos_id = tokenizer.eos_token_id
+    tokenizer, stop_ids = prompter.tokenizer, list(prompter.stop_token_ids)
     outputs: list[str] = []
     with _inference(model), _padding_side(tokenizer, "left"):
-        for batch in _batches(prompts, batch_size):
-            encoded = tokenizer(list(batch), return_tensors="pt", padding=True).to(_device(model))
+        for batch in _batches(examples, batch_size):
+            prompts = {"input_ids": [prompter.prompt_ids(example) for example in batch]}
+            encoded = tokenizer.pad(prompts, return_tensors="pt").to(_device(model))
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=eos_id,
+                eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
             outputs.extend(
-                tokenizer.decode(_until_eos(ids, eos_id), skip_special_tokens=True).strip()
+                tokenizer.decode(_until_stop(ids, stop_ids), skip_special_tokens=True).strip()
                 for ids in new_tokens
             )
     return outputs
@@ -147,67 +214,69 @@ def _mean_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> 
 @torch.no_grad()
 def choice_losses(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    prompter: Prompter,
     examples: Sequence[Example],
     batch_size: int,
 ) -> list[list[float]]:
-    """Per example, the mean token loss of each choice as the response (choice tokens + eos).
+    """Per example, the mean token loss of each choice as the response, encoded exactly as a
+    training target (choice tokens + eos or end-of-turn).
 
-    The eos is scored too because training ends every response with it: it separates a choice
+    The end is scored too because training ends every response with it: it separates a choice
     from longer continuations that merely start with it.
     """
+    _check_choices(examples)
     pairs = [
-        encode_pair(tokenizer, render_prompt(example), choice)
+        encode_labelled(prompter, replace(example, output=choice))
         for example in examples
-        for choice in _choices(example)
+        for choice in example.choices
     ]
     losses: list[float] = []
     with _inference(model):
         for batch in _batches(pairs, batch_size):
-            tensors = collate(batch, tokenizer.pad_token_id)
+            tensors = collate(batch, prompter.tokenizer.pad_token_id)
             tensors = {key: value.to(_device(model)) for key, value in tensors.items()}
             losses.extend(_mean_token_loss(model, tensors).tolist())
     per_example, start = [], 0
     for example in examples:
-        per_example.append(losses[start : start + len(_choices(example))])
-        start += len(_choices(example))
+        per_example.append(losses[start : start + len(example.choices)])
+        start += len(example.choices)
     return per_example
 
 
-def _choices(example: Example) -> tuple[str, ...]:
-    if not example.choices:
-        raise ValueError(f"example with label {example.label!r} has no answer choices")
-    return example.choices
+def _check_choices(examples: Sequence[Example]) -> None:
+    missing = [example for example in examples if not example.choices]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(examples)} examples of a classification data set have no "
+            f"answer choices (first: label {missing[0].label!r}, instruction "
+            f"{missing[0].instruction[:60]!r}); give every example its choices"
+        )
 
 
-def choice_accuracy(
+def choice_hits(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    prompter: Prompter,
     examples: Sequence[Example],
     batch_size: int,
-) -> float:
-    """Share of examples whose lowest-loss choice equals the reference output."""
-    losses = choice_losses(model, tokenizer, examples, batch_size)
-    hits = [
-        normalize_answer(_choices(example)[row.index(min(row))]) == normalize_answer(example.output)
+) -> list[float]:
+    """1.0 for each example whose lowest-loss choice equals the reference output, else 0.0."""
+    losses = choice_losses(model, prompter, examples, batch_size)
+    return [
+        float(
+            normalize_answer(example.choices[row.index(min(row))])
+            == normalize_answer(example.output)
+        )
         for example, row in zip(examples, losses, strict=True)
     ]
-    return sum(hits) / len(hits)
 
 
-def evaluate_examples(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    cfg: EvalConfig,
-    max_length: int,
-) -> dict[str, float]:
-    """{"accuracy"} when every example has choices, else {"rougeL", "exact_match"}; both with
-    "num_examples". Examples longer than `max_length` are skipped, as they are in training."""
+def fitting_indices(prompter: Prompter, examples: Sequence[Example], max_length: int) -> list[int]:
+    """Positions of the examples that fit in `max_length` tokens; the others are skipped (and
+    logged), as they are in training."""
     kept = [
-        example
-        for example in examples
-        if encode_example(tokenizer, example, max_length) is not None
+        i
+        for i, example in enumerate(examples)
+        if encode_example(prompter, example, max_length) is not None
     ]
     if not kept:
         raise DataError(
@@ -220,19 +289,40 @@ def evaluate_examples(
             len(examples),
             max_length,
         )
-    metrics: dict[str, float] = {"num_examples": float(len(kept))}
-    if all(example.choices for example in kept):
-        metrics["accuracy"] = choice_accuracy(model, tokenizer, kept, cfg.batch_size)
-        return metrics
-    prompts = [render_prompt(example) for example in kept]
-    predictions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-    references = [example.output for example in kept]
-    metrics["rougeL"] = rouge_l(predictions, references)
-    metrics["exact_match"] = exact_match(predictions, references)
-    return metrics
+    return kept
 
 
-def primary_metric(metrics: dict[str, float]) -> tuple[str, float]:
-    """The metric used for model selection: accuracy for classification, else ROUGE-L."""
-    name = "accuracy" if "accuracy" in metrics else "rougeL"
-    return name, metrics[name]
+def score_examples(
+    model: PreTrainedModel,
+    prompter: Prompter,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    *,
+    classification: bool,
+) -> dict[str, list[float]]:
+    """Per-example {"accuracy"} for classification data, else {"rougeL", "exact_match"}."""
+    if classification:
+        return {ACCURACY: choice_hits(model, prompter, examples, cfg.batch_size)}
+    predictions = generate(model, prompter, examples, cfg.max_new_tokens, cfg.batch_size)
+    references = [example.output for example in examples]
+    return {
+        ROUGE_L: rouge_l_scores(predictions, references),
+        EXACT_MATCH: exact_match_scores(predictions, references),
+    }
+
+
+def evaluate_examples(
+    model: PreTrainedModel,
+    prompter: Prompter,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    max_length: int,
+    *,
+    classification: bool,
+) -> SplitScores:
+    """Score one split: accuracy when the data set is classification, else ROUGE-L and exact
+    match. Examples longer than `max_length` are skipped, as they are in training."""
+    indices = fitting_indices(prompter, examples, max_length)
+    kept = [examples[i] for i in indices]
+    values = score_examples(model, prompter, kept, cfg, classification=classification)
+    return SplitScores(classification, values, indices)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config, ConfigError
 from fedamole.data.example import Example
-from fedamole.data.prompts import render_prompt
+from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.evaluation import generate
 from fedamole.hmole import HMoLEAdapter
 from fedamole.methods.fedamole import build_hmole_model
@@ -30,13 +29,11 @@ class PersonalisedModel:
     """One client's model: the frozen backbone with its own experts, ready to answer."""
 
     adapter: HMoLEAdapter
-    tokenizer: PreTrainedTokenizerBase
+    prompter: Prompter
 
     def answer(self, instruction: str, input_text: str = "", max_new_tokens: int = 64) -> str:
-        prompt = render_prompt(
-            Example(instruction=instruction, input=input_text, output="", label="")
-        )
-        return generate(self.adapter.model, self.tokenizer, [prompt], max_new_tokens, 1)[0]
+        example = Example(instruction=instruction, input=input_text, output="", label="")
+        return generate(self.adapter.model, self.prompter, [example], max_new_tokens, 1)[0]
 
 
 def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
@@ -51,4 +48,4 @@ def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
     adapter, tokenizer = build_hmole_model(cfg)
     adapter.set_architecture(json.loads((folder / "architecture.json").read_text())["architecture"])
     adapter.load_state(load_file(str(folder / ADAPTER_WEIGHTS)))
-    return PersonalisedModel(adapter, tokenizer)
+    return PersonalisedModel(adapter, build_prompter(tokenizer, cfg.data.prompt_format))

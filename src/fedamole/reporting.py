@@ -20,7 +20,6 @@ runs/<name>/
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
 from fedamole.config import Config, load_config  # noqa: E402
+from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.types import Architecture, ExampleScores, Metrics, StateDict  # noqa: E402
 
 CONFIG_FILE = "config.yaml"
@@ -57,16 +57,6 @@ Record = dict[str, Any]
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; nothing in it was touched."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

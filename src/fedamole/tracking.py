@@ -30,8 +30,8 @@ from typing import Protocol
 
 import yaml
 
-from fedamole.checkpoint import atomic_write_text
 from fedamole.config import ConfigError, OutputConfig
+from fedamole.files import atomic_write_text
 
 TENSORBOARD_DIR = "tensorboard"
 RUN_ID_FILE = "tracker_run.json"

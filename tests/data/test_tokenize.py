@@ -1,4 +1,5 @@
-"""Tokenisation: loss on response + eos only, one BOS with BOS-adding tokenizers, drops counted."""
+"""Tokenisation: loss on the response and its end only (eos, or the chat template's end of turn),
+one BOS with BOS-adding tokenizers, drops counted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from tokenizers import processors
 
 from fedamole.data.example import Example
-from fedamole.data.prompts import render_prompt
+from fedamole.data.prompts import build_prompter, render_prompt
 from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_split
 from fedamole.models import load_base_model
 
@@ -36,7 +37,7 @@ def bos_tokenizer(tokenizer):
 def test_labels_mask_exactly_the_prompt(name: str, request) -> None:
     tok = request.getfixturevalue(name)
     prompt_ids = tok(render_prompt(EXAMPLE))["input_ids"]
-    encoded = encode_example(tok, EXAMPLE, max_length=1000)
+    encoded = encode_example(build_prompter(tok, "alpaca"), EXAMPLE, max_length=1000)
     ids, labels = encoded["input_ids"], encoded["labels"]
     cut = len(prompt_ids)
     assert ids[:cut] == prompt_ids
@@ -47,13 +48,43 @@ def test_labels_mask_exactly_the_prompt(name: str, request) -> None:
     assert ids.count(tok.bos_token_id) == (name == "bos_tokenizer")  # one BOS, at the start
 
 
+@pytest.fixture(scope="module")
+def chatml_bos_tokenizer(chatml_tokenizer, bos_tokenizer):
+    """ChatML on a tokenizer that prepends a BOS to every text it encodes with special tokens."""
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.backend_tokenizer.post_processor = bos_tokenizer.backend_tokenizer.post_processor
+    return tok
+
+
+@pytest.mark.parametrize("bos_in_template", [False, True])
+def test_chat_labels_only_the_answer_and_end_of_turn(chatml_bos_tokenizer, bos_in_template) -> None:
+    """No prompt token carries a label, the labelled tokens are the answer and <|im_end|>, and
+    the BOS is the template's business: rendered text gets none from the tokenizer (Llama-3's
+    template writes "{{ bos_token }}" itself; ChatML has none)."""
+    tok = copy.deepcopy(chatml_bos_tokenizer)
+    bos = "<s>" if bos_in_template else ""
+    tok.chat_template = bos + tok.chat_template
+    user = "<|im_start|>user\nAdd the numbers.\n\n2 + 3<|im_end|>\n"
+    prompt = f"{bos}{user}<|im_start|>assistant\n"
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    encoded = encode_example(build_prompter(tok, "chat"), EXAMPLE, max_length=1000)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    cut = len(prompt_ids)
+    assert ids[:cut] == prompt_ids
+    assert labels[:cut] == [IGNORE_INDEX] * cut
+    assert labels[cut:] == ids[cut:] and IGNORE_INDEX not in labels[cut:]
+    assert tok.decode(ids[cut:]) == "5 apples<|im_end|>"
+    assert ids.count(tok.bos_token_id) == bos_in_template
+
+
 def test_over_long_examples_dropped_and_counted(tokenizer, caplog) -> None:
-    length = len(encode_example(tokenizer, EXAMPLE, max_length=1000)["input_ids"])
-    assert encode_example(tokenizer, EXAMPLE, max_length=length) is not None
-    assert encode_example(tokenizer, EXAMPLE, max_length=length - 1) is None
+    prompter = build_prompter(tokenizer, "alpaca")
+    length = len(encode_example(prompter, EXAMPLE, max_length=1000)["input_ids"])
+    assert encode_example(prompter, EXAMPLE, max_length=length) is not None
+    assert encode_example(prompter, EXAMPLE, max_length=length - 1) is None
     longer = Example(EXAMPLE.instruction, EXAMPLE.input, EXAMPLE.output + " and pears", "x")
     with caplog.at_level(logging.WARNING, logger="fedamole.data"):
-        kept, dropped = encode_split(tokenizer, [EXAMPLE, longer, EXAMPLE], max_length=length)
+        kept, dropped = encode_split(prompter, [EXAMPLE, longer, EXAMPLE], max_length=length)
     assert (len(kept), dropped) == (2, 1)
     assert "dropped 1 of 3" in caplog.text
 

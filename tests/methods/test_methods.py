@@ -10,6 +10,7 @@ import torch
 
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
+from fedamole.data.prompts import build_prompter
 from fedamole.federation.method import ClientRuntime, FederatedMethod
 from fedamole.federation.state import ServerState
 from fedamole.methods import get_method
@@ -64,8 +65,9 @@ def federation(name: str, *extra: str) -> Federation:
     method = get_method(name)
     cfg = method.configure(load_config(None, [*TINY, *extra]))
     handle, tokenizer = method.build(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
     clients = [
-        method.runtime(handle, tokenizer, cfg, encode_client(cid, s, tokenizer, 512))
+        method.runtime(handle, tokenizer, cfg, encode_client(cid, s, prompter, 512))
         for cid, s in enumerate(prepare_client_splits(cfg))
     ]
     state = method.init_state(cfg, handle, list(range(len(clients))))
@@ -146,8 +148,16 @@ def test_feddpa_keeps_the_local_adapter_out_of_aggregation():
     assert not torch.equal(privates[0][local_b], privates[1][local_b])  # ...on its own data
 
     metrics = fed.evaluate(0)
-    assert metrics["test_num_examples"] == len(fed.clients[0].data.splits.test)
-    weights = local_weights(fed.clients[0], fed.clients[0].data.splits.test)
+    test = fed.clients[0].data.splits.test
+    assert metrics["test_num_examples"] == len(test)
+    scores = fed.method.evaluate_split(fed.clients[0], test)  # per example, in the split's order
+    assert scores.example_indices == list(range(len(test)))
+    assert {k: len(v) for k, v in scores.values.items()} == {
+        "rougeL": len(test),
+        "exact_match": len(test),
+    }
+    assert metrics["test_rougeL"] == pytest.approx(sum(scores.values["rougeL"]) / len(test))
+    weights = local_weights(fed.clients[0], test)
     assert ((weights >= 0) & (weights <= MAX_LOCAL_WEIGHT)).all()
 
 

@@ -6,29 +6,20 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from fedamole.data.example import Example
-from fedamole.data.prompts import render_prompt, render_response
+from fedamole.data.prompts import Prompter
 
 log = logging.getLogger("fedamole.data")
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF models) skip
 
 
-def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
-) -> dict[str, list[int]]:
-    """prompt + response + eos, labels masked on the prompt.
-
-    The prompt gets the tokenizer's usual special tokens (e.g. a BOS), the response none, so the
-    sequence looks like what the model sees at generation time followed by the answer.
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; responses must end with one")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    target = [*response_ids, tokenizer.eos_token_id]
+def encode_labelled(prompter: Prompter, example: Example) -> dict[str, list[int]]:
+    """prompt + target, labels masked on the prompt: what the model sees at generation time
+    followed by the answer (and its eos / end-of-turn), the loss on the answer only."""
+    prompt_ids = prompter.prompt_ids(example)
+    target = prompter.target_ids(example)
     return {
         "input_ids": [*prompt_ids, *target],
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target,
@@ -36,19 +27,19 @@ def encode_pair(
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
+    prompter: Prompter, example: Example, max_length: int
 ) -> dict[str, list[int]] | None:
     """Encoded example, or None if longer than `max_length` tokens (truncation would cut the
     answer, so the caller drops and counts it)."""
-    encoded = encode_pair(tokenizer, render_prompt(example), render_response(example))
+    encoded = encode_labelled(prompter, example)
     return encoded if len(encoded["input_ids"]) <= max_length else None
 
 
 def encode_split(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+    prompter: Prompter, examples: Sequence[Example], max_length: int
 ) -> tuple[list[dict[str, list[int]]], int]:
     """All examples that fit in `max_length`, and how many were dropped (logged)."""
-    encoded = [encode_example(tokenizer, example, max_length) for example in examples]
+    encoded = [encode_example(prompter, example, max_length) for example in examples]
     kept = [item for item in encoded if item is not None]
     dropped = len(encoded) - len(kept)
     if dropped:

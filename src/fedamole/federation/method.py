@@ -26,7 +26,7 @@ from fedamole.config import Config
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
 from fedamole.device import autocast, model_device, resolve_device
-from fedamole.evaluation import evaluate_examples
+from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
 from fedamole.federation.state import ServerState
 from fedamole.federation.training import StepCallback
 from fedamole.models import load_base_model
@@ -66,7 +66,7 @@ class ClientRuntime(Generic[H]):
     private: StateDict = field(default_factory=dict)
 
 
-SplitScorer = Callable[[list[Example]], Metrics]
+SplitScorer = Callable[[list[Example]], SplitScores]
 
 
 def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -84,20 +84,30 @@ def evaluate_client(
     runtime: ClientRuntime, score_split: SplitScorer | None = None
 ) -> tuple[Metrics, ExampleScores]:
     """The model currently loaded in the handle on the client's validation and test splits, as
-    ``val_*``/``test_*`` means and per-example scores, under the configured mixed precision."""
-    cfg = runtime.cfg
+    ``val_*``/``test_*`` means and per-example scores (in the split's order, so runs on the same
+    data pair up), under the configured mixed precision."""
+    cfg, data = runtime.cfg, runtime.data
     model = runtime.handle.model
 
-    def default_scorer(examples: list[Example]) -> Metrics:
-        return evaluate_examples(model, runtime.tokenizer, examples, cfg.eval, cfg.model.max_length)
+    def default_scorer(examples: list[Example]) -> SplitScores:
+        return evaluate_examples(
+            model,
+            data.prompter,
+            examples,
+            cfg.eval,
+            cfg.model.max_length,
+            classification=data.classification,
+        )
 
     scorer = score_split or default_scorer
-    metrics: Metrics = {}
     with autocast(model_device(model), cfg.optim.mixed_precision):
-        for split in ("val", "test"):
-            scores = scorer(getattr(runtime.data.splits, split))
-            metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-    return metrics, {}
+        scores = {split: scorer(getattr(data.splits, split)) for split in ("val", "test")}
+    per_example = {
+        f"{split}_{name}": values
+        for split, split_scores in scores.items()
+        for name, values in split_scores.values.items()
+    }
+    return split_metrics(scores), per_example
 
 
 class FederatedMethod(ABC, Generic[H]):

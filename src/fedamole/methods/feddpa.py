@@ -24,18 +24,14 @@ example at a time.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedamole.data.example import DataError, Example
-from fedamole.data.prompts import render_prompt
-from fedamole.data.tokenize import encode_example
+from fedamole.data.example import Example
 from fedamole.device import model_device
-from fedamole.evaluation import evaluate_examples
+from fedamole.evaluation import SplitScores, fitting_indices, score_examples
 from fedamole.methods.lora import LoraMethod, LoraRuntime, Phase, adapter_key
 
 GLOBAL, LOCAL = "global", "local"
@@ -60,35 +56,26 @@ class FedDPA(LoraMethod):
             adapters=(GLOBAL, LOCAL),
         )
 
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> dict[str, float]:
-        """Each example with its own local weight alpha(x); metrics averaged over examples, as
-        :func:`evaluate_examples` scores the whole split (choices only if every example has them)."""
-        cfg = runtime.cfg
-        kept = [
-            ex
-            for ex in examples
-            if encode_example(runtime.tokenizer, ex, cfg.model.max_length) is not None
-        ]
-        if not kept:
-            raise DataError(
-                f"none of {len(examples)} evaluation examples fits in model.max_length="
-                f"{cfg.model.max_length}"
-            )
-        if not all(ex.choices for ex in kept):
-            kept = [replace(ex, choices=None) for ex in kept]
-        scores = []
+    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
+        """Each example with its own local weight alpha(x), scored as :func:`evaluate_examples`
+        scores a split (same skipped examples, metrics and order)."""
+        cfg, data = runtime.cfg, runtime.data
+        indices = fitting_indices(data.prompter, examples, cfg.model.max_length)
+        kept = [examples[i] for i in indices]
+        per_example = []
         for example, weight in zip(kept, local_weights(runtime, kept).tolist(), strict=True):
             with runtime.handle.mixing({GLOBAL: 1 - weight, LOCAL: weight}):
-                scores.append(
-                    evaluate_examples(
+                per_example.append(
+                    score_examples(
                         runtime.handle.model,
-                        runtime.tokenizer,
+                        data.prompter,
                         [example],
                         cfg.eval,
-                        cfg.model.max_length,
+                        classification=data.classification,
                     )
                 )
-        return _mean_scores(scores)
+        values = {name: [s[name][0] for s in per_example] for name in per_example[0]}
+        return SplitScores(data.classification, values, indices)
 
     def inference(self) -> str:
         return (
@@ -102,7 +89,7 @@ class FedDPA(LoraMethod):
 def local_weights(runtime: LoraRuntime, examples: list[Example]) -> Tensor:
     """alpha(x) per example from its similarity to the client's anchor training prompts."""
     anchors = anchor_examples(runtime)
-    prompts = [render_prompt(ex) for ex in [*anchors, *examples]]
+    prompts = [runtime.data.prompter.prompt_ids(ex) for ex in [*anchors, *examples]]
     with runtime.handle.mixing({LOCAL: 1.0}):
         states = last_token_states(runtime, prompts)
     similarity = F.cosine_similarity(
@@ -120,7 +107,7 @@ def anchor_examples(runtime: LoraRuntime) -> list[Example]:
 
 
 @torch.no_grad()
-def last_token_states(runtime: LoraRuntime, prompts: list[str]) -> Tensor:
+def last_token_states(runtime: LoraRuntime, prompts: list[list[int]]) -> Tensor:
     """Last-layer hidden state of each prompt's last token (left-padded batches, eval mode)."""
     model, tokenizer = runtime.handle.model, runtime.tokenizer
     model.eval()
@@ -129,19 +116,10 @@ def last_token_states(runtime: LoraRuntime, prompts: list[str]) -> Tensor:
         states = []
         size = runtime.cfg.eval.batch_size
         for start in range(0, len(prompts), size):
-            batch = tokenizer(prompts[start : start + size], return_tensors="pt", padding=True)
+            batch = tokenizer.pad({"input_ids": prompts[start : start + size]}, return_tensors="pt")
             batch = batch.to(model_device(model))
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
             states.append(hidden[:, -1].float())
     finally:
         tokenizer.padding_side = previous
     return torch.cat(states)
-
-
-def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
-    """Per-example scores to split scores: means, with the example count as ``num_examples``."""
-    names = [k for k in scores[0] if k != "num_examples"]
-    return {
-        "num_examples": float(len(scores)),
-        **{name: float(np.mean([s[name] for s in scores])) for name in names},
-    }

@@ -49,7 +49,7 @@ from fedamole.aggregation import aggregate
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.evaluation import evaluate_examples
+from fedamole.evaluation import SplitScores, evaluate_examples
 from fedamole.federation.method import (
     ClientRuntime,
     FederatedMethod,
@@ -179,15 +179,16 @@ class LoraMethod(FederatedMethod[LoraHandle]):
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
     # ----------------------------------------------------------------- rules a subclass may change
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> Metrics:
+    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
         """The client's current model on one split, every adapter at full weight."""
         with runtime.handle.mixing({adapter: 1.0 for adapter in self.adapters}):
             return evaluate_examples(
                 runtime.handle.model,
-                runtime.tokenizer,
+                runtime.data.prompter,
                 examples,
                 runtime.cfg.eval,
                 runtime.cfg.model.max_length,
+                classification=runtime.data.classification,
             )
 
     def inference(self) -> str:

@@ -20,6 +20,7 @@ from rich.progress import (
 
 from fedamole.config import Config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
+from fedamole.data.prompts import build_prompter
 from fedamole.device import resolve_device
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.engine import Engine
@@ -109,8 +110,9 @@ def run_simulation(
     splits = prepare_client_splits(cfg)
     run_dir = RunDir.open(cfg, method.name, resume)
     handle, tokenizer = method.build(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
     clients = [
-        method.runtime(handle, tokenizer, cfg, encode_client(c, s, tokenizer, cfg.model.max_length))
+        method.runtime(handle, tokenizer, cfg, encode_client(c, s, prompter, cfg.model.max_length))
         for c, s in enumerate(splits)
     ]
     with _progress(console) as progress:

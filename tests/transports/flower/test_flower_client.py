@@ -14,9 +14,11 @@ def test_own_file_is_split_like_a_partition_and_reproducibly(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = load_config(None)  # the run's source is synthetic: the file is read as JSONL
 
-    splits = local_splits(cfg, path, client_id=2)
+    task = local_splits(cfg, path, client_id=2)
+    assert not task.classification  # decided on the whole file: no example has choices
+    splits = task.splits
     parts = (splits.train, splits.aux, splits.val, splits.test)
     assert sorted(ex.output for part in parts for ex in part) == sorted(str(i) for i in range(40))
     assert all(part for part in parts)
-    assert local_splits(cfg, path, client_id=2) == splits
-    assert local_splits(cfg, path, client_id=1) != splits  # seeded per client, like partitions
+    assert local_splits(cfg, path, client_id=2) == task
+    assert local_splits(cfg, path, client_id=1) != task  # seeded per client, like partitions

@@ -21,9 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config
-from fedamole.data.pipeline import encode_client, is_classification, prepare_client_splits
+from fedamole.data.pipeline import (
+    TaskSplits,
+    encode_client,
+    is_classification,
+    prepare_client_splits,
+)
+from fedamole.data.prompts import build_prompter
 from fedamole.data.sources import load_source
-from fedamole.data.splits import ClientSplits, split_client
+from fedamole.data.splits import split_client
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.methods import get_method
@@ -91,7 +97,8 @@ class Node:
             if self.data_path
             else _splits(self.cfg.to_yaml())[self.client_id]
         )
-        data = encode_client(self.client_id, splits, tokenizer, self.cfg.model.max_length)
+        prompter = build_prompter(tokenizer, self.cfg.data.prompt_format)
+        data = encode_client(self.client_id, splits, prompter, self.cfg.model.max_length)
         runtime = self.method.runtime(handle, tokenizer, self.cfg, data)
         saved = self._latest_private(round_idx)
         if saved is not None:
@@ -149,7 +156,7 @@ def _model(name: str, cfg_yaml: str) -> tuple[ModelHandle, PreTrainedTokenizerBa
 
 
 @lru_cache(maxsize=1)
-def _splits(cfg_yaml: str) -> list[ClientSplits]:
+def _splits(cfg_yaml: str) -> list[TaskSplits]:
     return prepare_client_splits(_config(cfg_yaml))
 
 
@@ -157,15 +164,17 @@ def _config(cfg_yaml: str) -> Config:
     return Config.model_validate(yaml.safe_load(cfg_yaml))
 
 
-def local_splits(cfg: Config, path: Path, client_id: int) -> ClientSplits:
+def local_splits(cfg: Config, path: Path, client_id: int) -> TaskSplits:
     """An organisation's own file, split like a partition; read as JSONL when the run's source
     is synthetic, else in the run's source format."""
     source = "jsonl" if cfg.data.source == "synthetic" else cfg.data.source
     examples = load_source(cfg.data.model_copy(update={"source": source, "path": path}), cfg.seed)
-    return split_client(
+    classification = is_classification(examples)
+    splits = split_client(
         examples,
         cfg.data,
         cfg.seed + client_id,
-        is_classification(examples),
+        classification,
         name=f"client {client_id} ({path})",
     )
+    return TaskSplits(splits, classification)
