@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -29,26 +30,60 @@ TINY = [
 ]
 
 
-def _compare(out) -> None:
-    args = ["compare", "--methods", "local,fedamole", "--out", str(out)]
+def _compare(out, *extra: str) -> None:
+    args = ["compare", "--methods", "local,fedamole", "--out", str(out), *extra]
     for item in TINY:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 
 
-def test_compare_writes_summary_table_and_plot_then_skips_finished_runs(tmp_path, monkeypatch):
+def test_compare_two_methods_two_seeds_in_parallel_writes_report_with_intervals(
+    tmp_path, shared_data
+):
+    """SNLI is scored by accuracy, which varies even on the tiny random model, so the intervals
+    are not degenerate."""
+    out = tmp_path / "cmp"
+    snli = [
+        "data.source=snli",
+        f"data.path={shared_data / 'snli' / 'snli_sample.jsonl'}",
+        "data.min_client_size=20",
+        "data.test_cap=30",
+    ]
+    args = [*(a for item in snli for a in ("--set", item)), "--seeds", "42,43", "--jobs", "2"]
+    _compare(out, *args)
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["metric"] == "accuracy" and doc["reference"] == "fedamole"
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        f"{m}-seed{s}.log" for m in ("fedamole", "local") for s in (42, 43)
+    ]
+    for name, row in doc["methods"].items():
+        runs = [
+            json.loads((out / name / f"seed{s}" / "summary.json").read_text()) for s in (42, 43)
+        ]
+        assert row["mean"] == pytest.approx(
+            np.mean([r["mean"]["selected"]["accuracy"] for r in runs])
+        )
+        assert row["interval"]["low"] <= row["mean"] <= row["interval"]["high"]
+        assert row["interval"]["low"] < row["interval"]["high"]  # examples do differ
+        assert len(doc["curves"][name]) == 1  # one round
+    local = doc["methods"]["local"]
+    diff = local["difference"]
+    assert diff["mean"] == pytest.approx(local["mean"] - doc["methods"]["fedamole"]["mean"])
+    assert diff["includes_zero"] == (diff["low"] <= 0 <= diff["high"])
+    report = (out / "report.md").read_text()
+    assert "95 % interval" in report and "| local |" in report
+    assert ("includes 0" in report) == diff["includes_zero"]
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+
+
+def test_compare_skips_finished_runs_and_resumes_killed_ones(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     _compare(out)
     doc = json.loads((out / "summary.json").read_text())
     assert set(doc["methods"]) == {"local", "fedamole"} and doc["round"] == "selected"
-    run = json.loads((out / "fedamole" / "seed42" / "summary.json").read_text())
-    fedamole_row = doc["methods"]["fedamole"]
-    assert fedamole_row["mean"] == run["mean"]["selected"][doc["metric"]]
-    assert set(fedamole_row["per_client"]) == {"0", "1"} and fedamole_row["bytes_per_round"] > 0
-    assert doc["methods"]["local"]["bytes_per_round"] == 0
-    assert "| local |" in (out / "table.md").read_text()
-    assert (out / "comparison.png").stat().st_size > 0
+    assert doc["methods"]["local"]["bytes_up_per_round"] == 0
+    assert doc["methods"]["fedamole"]["bytes_up_per_round"] > 0
 
     calls = []
     real = fedamole.compare.run_simulation

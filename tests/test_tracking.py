@@ -3,22 +3,23 @@ and the naming of metrics.jsonl records as tracker scalars."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedamole.config import Config, ConfigError, OutputConfig
+from fedamole.config import Config, ConfigError, OutputConfig, load_config
 from fedamole.reporting import metric_records
 from fedamole.tracking import (
     TENSORBOARD_DIR,
     NullTracker,
     TensorBoardTracker,
-    log_round,
     make_tracker,
     round_scalars,
 )
+from fedamole.transports.in_process import run_simulation
 
 
 def _round(round_idx: int, offset: float = 0.0) -> list[dict]:
@@ -99,7 +100,7 @@ def test_tensorboard_writes_what_tensorboard_reads(tmp_path):
     assert isinstance(tracker, TensorBoardTracker)
     tracker.start(tmp_path, "demo", config)
     for round_idx in range(3):
-        log_round(tracker, _round(round_idx))
+        tracker.log(round_scalars(_round(round_idx)), step=round_idx)
     tracker.finish()
 
     scalars = _scalars(tmp_path / TENSORBOARD_DIR)
@@ -119,7 +120,7 @@ def test_tensorboard_resume_replaces_the_rounds_logged_again(tmp_path):
     first = make_tracker(OutputConfig(tracker="tensorboard"))
     first.start(tmp_path, "demo", config)
     for round_idx in range(3):
-        log_round(first, _round(round_idx))
+        first.log(round_scalars(_round(round_idx)), step=round_idx)
     first.finish()
     # TensorBoard reads event files in name order, whose first field is the creation second;
     # a resumed session always starts in a later second than the one it resumes.
@@ -130,7 +131,7 @@ def test_tensorboard_resume_replaces_the_rounds_logged_again(tmp_path):
     resumed = make_tracker(OutputConfig(tracker="tensorboard"))
     resumed.start(tmp_path, "demo", config, resume_round=2)
     for round_idx in (2, 3):
-        log_round(resumed, _round(round_idx, offset=1.0))
+        resumed.log(round_scalars(_round(round_idx, offset=1.0)), step=round_idx)
     resumed.finish()
 
     test_rougeL = _scalars(tmp_path / TENSORBOARD_DIR)["client1/test_rougeL"]
@@ -159,7 +160,7 @@ def test_default_is_no_tracker(tmp_path):
     tracker = make_tracker(Config().output)
     assert isinstance(tracker, NullTracker)
     tracker.start(tmp_path, "demo", {})
-    log_round(tracker, _round(0))
+    tracker.log(round_scalars(_round(0)), step=0)
     tracker.finish()
     assert list(tmp_path.iterdir()) == []
 
@@ -167,3 +168,37 @@ def test_default_is_no_tracker(tmp_path):
 def test_tracker_setting_is_validated():
     with pytest.raises(ValueError, match="tracker"):
         OutputConfig(tracker="neptune")
+
+
+def test_a_tiny_run_with_tensorboard_logs_its_metrics_jsonl(tmp_path):
+    """The in-process run's own records reach TensorBoard: per client, mean and server."""
+    out = tmp_path / "run"
+    settings = [
+        "model.name=tiny-random-llama",
+        "model.max_length=512",
+        "data.synthetic_per_task=10",
+        "data.min_client_size=8",
+        "federation.num_clients=2",
+        "federation.rounds=2",
+        "federation.local_steps=1",
+        "hmole.num_experts=4",
+        "eval.max_new_tokens=2",
+        "output.tracker=tensorboard",
+        f"output.dir={out}",
+    ]
+    run_simulation(load_config(None, settings))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = _scalars(out / TENSORBOARD_DIR)
+    for round_idx in (0, 1):
+        test = [r for r in records if r["round"] == round_idx and r["split"] == "test"]
+        assert scalars["mean/test_rougeL"][round_idx] == (
+            round_idx,
+            pytest.approx(sum(r["rougeL"] for r in test) / len(test), rel=1e-6),
+        )
+        assert scalars["client1/train_loss"][round_idx][1] == pytest.approx(
+            next(r["train_loss"] for r in test if r["client"] == 1), rel=1e-6
+        )
+    server = [r for r in records if r["split"] == "server"]
+    assert [v for _, v in scalars["server/rsea_assignment_change"]] == pytest.approx(
+        [r["rsea_assignment_change"] for r in server], rel=1e-6
+    )

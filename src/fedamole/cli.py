@@ -86,10 +86,17 @@ def compare(
         typer.Option(help="comma-separated methods, e.g. fedamole,fedit,local"),
     ] = "local,fedit,fedit-ft,ffa-lora,feddpa,fedamole,fedamole-r,fedamole-h",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds, one run each")] = "42",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1, help="runs at once, each its own process and log (one GPU: enable CUDA MPS)"
+        ),
+    ] = 1,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Compare methods on identical splits, seeds and budgets; finished runs are skipped."""
+    """Compare methods on identical splits, seeds and budgets, with 95 % intervals and paired
+    differences to FedAMoLE (report.md); finished runs are skipped, killed ones resumed."""
     from fedamole.compare import compare as run_comparison
     from fedamole.compare import parse_methods
 
@@ -97,7 +104,7 @@ def compare(
     with _user_errors():
         names = parse_methods(methods)
         seed_list = _parse_seeds(seeds)
-        run_comparison(config, names, seed_list, list(set_ or []), out, console)
+        run_comparison(config, names, seed_list, list(set_ or []), out, console, jobs)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -110,6 +117,7 @@ def _parse_seeds(text: str) -> list[int]:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Errors in what the user asked for end the command with their message, no traceback."""
+    from fedamole.compare import ComparisonError
     from fedamole.data.example import DataError
     from fedamole.device import DeviceError
     from fedamole.reporting import RunDirError
@@ -117,7 +125,14 @@ def _user_errors() -> Iterator[None]:
 
     try:
         yield
-    except (ConfigError, DataError, DeviceError, RunDirError, InfeasibleAssignmentError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        DeviceError,
+        RunDirError,
+        InfeasibleAssignmentError,
+        ComparisonError,
+    ) as exc:
         raise _fail(str(exc)) from None
 
 

@@ -1,19 +1,29 @@
-"""`fedamole compare`: several methods on identical data, splits, seeds and budgets.
+"""`fedamole compare`: several methods on identical data, splits, seeds and budgets, and how sure
+we can be of the differences.
 
-Each (method, seed) is an ordinary run directory ``DIR/<method>/seed<k>/`` made by the in-process
-runner, so a comparison can be stopped and restarted: finished runs (with a summary.json) are
-skipped and a killed one is resumed from its last checkpoint. The comparison itself is
-``DIR/summary.json``, ``DIR/table.md`` and ``DIR/comparison.png``.
+Each (method, seed) is an ordinary run directory ``DIR/<method>/seed<k>/``, so a comparison can
+be stopped and restarted: finished runs (with a summary.json) are skipped and a killed one is
+resumed from its last checkpoint. ``--jobs N`` runs N of them at once as separate processes (each
+with its own run directory and ``DIR/logs/<method>-seed<k>.log``); on one GPU this uses the card
+far better than one run at a time (see the README on CUDA MPS).
 
 The headline number of a method is the mean over clients of the test metric at each client's
-validation-selected round (SPEC 6: selection never looks at test), then mean and standard
-deviation over seeds; the last round's numbers are reported beside it.
+validation-selected round (SPEC 6: selection never looks at test), averaged over seeds, with a
+95 % hierarchical bootstrap interval over clients and test examples (:mod:`fedamole.stats`), and
+each method's paired difference to FedAMoLE on the same examples. The comparison is
+``DIR/summary.json``, ``DIR/report.md`` (with ``table.md``, the same tables), ``DIR/comparison.png``
+(headline with intervals) and ``DIR/curves.png`` (mean test metric per round of every method).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +33,47 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
 from fedamole.config import ConfigError, load_config  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
-from fedamole.reporting import CONFIG_FILE, SUMMARY  # noqa: E402
+from fedamole.reporting import CONFIG_FILE, SUMMARY, RunDir  # noqa: E402
+from fedamole.stats import Estimate, bootstrap_difference, bootstrap_mean  # noqa: E402
 from fedamole.transports.in_process import run_simulation  # noqa: E402
 
 HEADLINE = "selected"
 HEADLINE_NOTE = (
-    "test metric, mean over clients, each client at its validation-selected round; "
-    "mean and std (ddof=1; 0 for one seed) over seeds"
+    "test metric, mean over clients, each client at its validation-selected round; mean over "
+    "seeds; 95 % hierarchical bootstrap interval over clients and test examples"
 )
-TABLE = "table.md"
-PLOT = "comparison.png"
+REFERENCE = "fedamole"
+REPORT, TABLE, PLOT, CURVES, LOGS = "report.md", "table.md", "comparison.png", "curves.png", "logs"
+
+
+class ComparisonError(RuntimeError):
+    """Some runs of a comparison failed; the message names them and their logs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (method, seed) run of a comparison."""
+
+    method: str
+    seed: int
+    out: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(self.out, self.method, self.seed)
+
+    @property
+    def log(self) -> Path:
+        return self.out / LOGS / f"{self.method}-seed{self.seed}.log"
+
+    @property
+    def resume(self) -> bool:
+        return (self.run_dir / CONFIG_FILE).is_file()
 
 
 def run_dir_for(out: Path, method: str, seed: int) -> Path:
@@ -61,95 +98,187 @@ def compare(
     overrides: Sequence[str],
     out: Path,
     console: Console | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every (method, seed) not finished yet, then write the comparison; returns it."""
     console = console or Console()
     for name in methods:
         get_method(name)  # unknown names fail before any run starts
-    for seed in seeds:
-        for name in methods:
-            run_dir = run_dir_for(out, name, seed)
-            if (run_dir / SUMMARY).is_file():
-                console.print(f"[dim]{name} seed {seed}: finished, skipped[/]")
-                continue
-            cfg = load_config(config, [*overrides, f"seed={seed}", f"output.dir={run_dir}"])
-            resume = (run_dir / CONFIG_FILE).is_file()
-            console.rule(f"{name} seed {seed}" + (" (resuming)" if resume else ""))
-            run_simulation(cfg, resume=resume, console=console, method=name)
+    for seed in seeds:  # every config is valid before any run starts
+        load_config(config, [*overrides, f"seed={seed}"])
+    pending = [Job(name, seed, out) for seed in seeds for name in methods]
+    pending = [job for job in pending if not (job.run_dir / SUMMARY).is_file()]
+    if jobs > 1:
+        _run_in_parallel(config, overrides, pending, jobs, console)
+    else:
+        for job in pending:
+            cfg = load_config(config, [*overrides, f"seed={job.seed}", f"output.dir={job.run_dir}"])
+            console.rule(f"{job.method} seed {job.seed}" + (" (resuming)" if job.resume else ""))
+            run_simulation(cfg, resume=job.resume, console=console, method=job.method)
     result = summarise_comparison(out, methods, seeds)
     write_comparison(out, result)
     console.print(render_table(result))
-    console.print(f"comparison in {out}/ ({SUMMARY}, {TABLE}, {PLOT})")
+    console.print(f"comparison in {out}/ ({REPORT}, {SUMMARY}, {PLOT}, {CURVES})")
     return result
 
 
-def _std(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _command(config: Path | None, overrides: Sequence[str], job: Job) -> list[str]:
+    """The `fedamole run` command line of one job."""
+    cmd = [sys.executable, "-m", "fedamole.cli", "run", "--method", job.method]
+    cmd += ["--config", str(config)] if config else []
+    for item in [*overrides, f"seed={job.seed}", f"output.dir={job.run_dir}"]:
+        cmd += ["--set", item]
+    return cmd + (["--resume"] if job.resume else [])
 
 
-def _method_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean/std over seeds of one method's run summaries, per client and overall."""
+def _run_in_parallel(
+    config: Path | None, overrides: Sequence[str], pending: list[Job], jobs: int, console: Console
+) -> None:
+    """Each job in its own process, at most ``jobs`` at once; on a CPU the cores are shared out
+    (OMP_NUM_THREADS, unless set). Raises after all have ended if any failed."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    env["PYTHONUNBUFFERED"] = "1"
+
+    def run(job: Job) -> int:
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        with job.log.open("a") as log:
+            return subprocess.run(
+                _command(config, overrides, job), stdout=log, stderr=subprocess.STDOUT, env=env
+            ).returncode
+
+    failed = []
+    with (
+        Progress(
+            TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(), console=console
+        ) as progress,
+        ThreadPoolExecutor(max_workers=jobs) as pool,
+    ):
+        task = progress.add_task("runs", total=len(pending))
+        for job, code in zip(pending, pool.map(run, pending), strict=True):
+            progress.advance(task)
+            if code != 0:
+                failed.append(f"{job.method} seed {job.seed} (exit {code}, log {job.log})")
+    if failed:
+        raise ComparisonError("runs failed: " + "; ".join(failed))
+
+
+# ---------------------------------------------------------------------------------- statistics
+def selected_scores(run_dir: Path, metric: str) -> list[np.ndarray]:
+    """Per client (by id), its test examples' ``metric`` at its validation-selected round."""
+    run = RunDir(run_dir)
+    summary = run.read_summary()
+    rows = {
+        (r["client"], r["round"]): r[metric]
+        for r in run.read_example_scores()
+        if r["split"] == "test"
+    }
+    return [
+        np.asarray(rows[(int(client), values[HEADLINE]["round"])], dtype=float)
+        for client, values in sorted(summary["per_client"].items(), key=lambda kv: int(kv[0]))
+    ]
+
+
+def _estimate_doc(estimate: Estimate) -> dict[str, float | bool]:
+    return {
+        "mean": estimate.mean,
+        "low": estimate.low,
+        "high": estimate.high,
+        "includes_zero": estimate.includes_zero,
+    }
+
+
+def _method_summary(runs: list[dict[str, Any]], interval: Estimate) -> dict[str, Any]:
+    """One method over its seeds: headline with interval, last round, per client, cost."""
     metric = runs[0]["metric"]
     headline = [run["mean"][HEADLINE][metric] for run in runs]
     last = [run["mean"]["last"][metric] for run in runs]
-    clients = runs[0]["per_client"]
+    best = [run["best_round"][metric] for run in runs]
     return {
         "mean": float(np.mean(headline)),
-        "std": _std(headline),
+        "interval": _estimate_doc(interval),
         "per_seed": headline,
-        "last": {"mean": float(np.mean(last)), "std": _std(last), "per_seed": last},
+        "last": float(np.mean(last)),
+        "best_round": float(np.mean(best)),
         "per_client": {
             cid: float(np.mean([run["per_client"][cid][HEADLINE][metric] for run in runs]))
-            for cid in clients
+            for cid in runs[0]["per_client"]
         },
-        "bytes_per_round": float(
-            np.mean([(r["total_bytes_up"] + r["total_bytes_down"]) / r["rounds"] for r in runs])
-        ),
+        "bytes_up_per_round": float(np.mean([r["total_bytes_up"] / r["rounds"] for r in runs])),
+        "bytes_down_per_round": float(np.mean([r["total_bytes_down"] / r["rounds"] for r in runs])),
         "wall_time_s": float(np.sum([run["wall_time_s"] for run in runs])),
     }
 
 
 def summarise_comparison(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict:
-    """The comparison from the runs' summary.json files; the gain is FedAMoLE's relative
-    improvement over the best non-FedAMoLE method."""
+    """The comparison from the runs' summaries and per-example scores: every method's headline
+    with its interval, and its paired difference to FedAMoLE (or to the first method)."""
     runs = {
-        name: [json.loads((run_dir_for(out, name, s) / SUMMARY).read_text()) for s in seeds]
+        name: [RunDir(run_dir_for(out, name, s)).read_summary() for s in seeds] for name in methods
+    }
+    metric = runs[methods[0]][0]["metric"]
+    scores = {
+        name: {s: selected_scores(run_dir_for(out, name, s), metric) for s in seeds}
         for name in methods
     }
-    per_method = {name: _method_summary(summaries) for name, summaries in runs.items()}
-    result: dict[str, Any] = {
-        "metric": runs[methods[0]][0]["metric"],
+    reference = REFERENCE if REFERENCE in methods else methods[0]
+    per_method = {
+        name: _method_summary(runs[name], bootstrap_mean(scores[name])) for name in methods
+    }
+    for name in methods:
+        if name != reference:
+            difference = bootstrap_difference(scores[name], scores[reference])
+            per_method[name]["difference"] = _estimate_doc(difference)
+    return {
+        "metric": metric,
         "round": HEADLINE,
         "note": HEADLINE_NOTE,
         "seeds": list(seeds),
+        "reference": reference,
         "methods": per_method,
+        "curves": {name: _curve(out, name, seeds, metric) for name in methods},
     }
-    baselines = [name for name in methods if name not in FEDAMOLE_VARIANTS]
-    if "fedamole" in per_method and baselines:
-        best = max(baselines, key=lambda name: per_method[name]["mean"])
-        base = per_method[best]["mean"]
-        result["best_baseline"] = best
-        result["fedamole_gain_over_best_baseline"] = (
-            (per_method["fedamole"]["mean"] - base) / base if base else None
+
+
+def _curve(out: Path, method: str, seeds: Sequence[int], metric: str) -> list[float]:
+    """Mean test metric over clients per round, averaged over seeds."""
+    per_seed = []
+    for seed in seeds:
+        records = RunDir(run_dir_for(out, method, seed)).read_records()
+        rounds = sorted({r["round"] for r in records if r["split"] == "test"})
+        per_seed.append(
+            [
+                np.mean([r[metric] for r in records if r["split"] == "test" and r["round"] == k])
+                for k in rounds
+            ]
         )
-    return result
+    return [float(v) for v in np.mean(per_seed, axis=0)]
+
+
+# ---------------------------------------------------------------------------------- report
+def _interval(doc: dict[str, Any]) -> str:
+    return f"[{doc['low']:.4f}, {doc['high']:.4f}]"
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """Markdown: one row per method, then per-client values."""
-    metric, methods = result["metric"], result["methods"]
+    """Markdown: headline with intervals and paired differences, cost, then per client."""
+    metric, methods, reference = result["metric"], result["methods"], result["reference"]
     lines = [
-        f"Test {metric} ({result['note']}); seeds {result['seeds']}.",
+        f"Test {metric} ({result['note']}); seeds {result['seeds']}; differences are paired, "
+        f"method minus {reference}.",
         "",
-        f"| method | {metric} (val-selected) | {metric} (last round) | bytes / round | "
+        f"| method | {metric} | 95 % interval | minus {reference} | 95 % interval | "
+        "last round | best mean-val round | bytes up / round | bytes down / round | "
         "wall time (s) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
+        difference = m.get("difference")
+        diff = (f"{difference['mean']:+.4f}", _interval(difference)) if difference else ("", "")
         lines.append(
-            f"| {name} | {m['mean']:.4f} ± {m['std']:.4f} | "
-            f"{m['last']['mean']:.4f} ± {m['last']['std']:.4f} | {m['bytes_per_round']:,.0f} | "
-            f"{m['wall_time_s']:,.0f} |"
+            f"| {name} | {m['mean']:.4f} | {_interval(m['interval'])} | {diff[0]} | {diff[1]} | "
+            f"{m['last']:.4f} | {m['best_round']:.4f} | {m['bytes_up_per_round']:,.0f} | "
+            f"{m['bytes_down_per_round']:,.0f} | {m['wall_time_s']:,.0f} |"
         )
     clients = list(next(iter(methods.values()))["per_client"])
     lines += [
@@ -163,29 +292,77 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | " + " | ".join(f"{m['per_client'][c]:.4f}" for c in clients) + " |"
         )
-    if "best_baseline" in result:
-        gain = result["fedamole_gain_over_best_baseline"]
-        text = "n/a (best baseline scores 0)" if gain is None else f"{100 * gain:+.2f} %"
-        lines += [
-            "",
-            f"Relative gain of fedamole over the best baseline ({result['best_baseline']}): {text}",
-        ]
     return "\n".join(lines) + "\n"
 
 
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """One sentence per method on whether its difference to the reference is resolved."""
+    out = []
+    for name, m in result["methods"].items():
+        difference = m.get("difference")
+        if difference is None:
+            continue
+        if difference["includes_zero"]:
+            out.append(
+                f"- {name} vs {result['reference']}: the interval {_interval(difference)} "
+                "includes 0, so this comparison cannot tell them apart."
+            )
+        else:
+            better = name if difference["mean"] > 0 else result["reference"]
+            out.append(
+                f"- {name} vs {result['reference']}: {better} is better by "
+                f"{abs(difference['mean']):.4f} (interval {_interval(difference)} excludes 0)."
+            )
+    return out
+
+
+def render_report(result: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"# Comparison of {', '.join(result['methods'])}",
+            "",
+            render_table(result),
+            "## What the intervals say",
+            "",
+            *verdicts(result),
+            "",
+            f"![headline with intervals]({PLOT})",
+            "",
+            f"![mean test {result['metric']} per round]({CURVES})",
+            "",
+        ]
+    )
+
+
 def plot_comparison(path: Path, result: dict[str, Any]) -> None:
-    """Bar per method (FedAMoLE variants highlighted) with the std over seeds as error bars."""
+    """Headline per method (FedAMoLE variants highlighted) with its 95 % interval."""
     names = list(result["methods"])
-    means = [result["methods"][n]["mean"] for n in names]
-    stds = [result["methods"][n]["std"] for n in names]
+    docs = [result["methods"][n] for n in names]
+    means = np.array([d["mean"] for d in docs])
+    errors = np.array(
+        [[d["mean"] - d["interval"]["low"], d["interval"]["high"] - d["mean"]] for d in docs]
+    ).T
     colors = ["tab:orange" if n in FEDAMOLE_VARIANTS else "tab:blue" for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
-    ax.bar(names, means, yerr=stds, color=colors, capsize=4)
+    ax.bar(names, means, yerr=errors, color=colors, capsize=4)
     ax.set(
         ylabel=f"test {result['metric']}",
-        title=f"validation-selected round; error bars: std over seeds {result['seeds']}",
+        title=f"validation-selected round; 95 % intervals; seeds {result['seeds']}",
     )
     ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, result: dict[str, Any]) -> None:
+    """Every method's mean test metric per round, in one plot."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in result["curves"].items():
+        style = "-" if name in FEDAMOLE_VARIANTS else "--"
+        ax.plot(range(len(curve)), curve, style, marker="o", label=name)
+    ax.set(xlabel="round", ylabel=f"mean test {result['metric']}", title="per-round test metric")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -194,4 +371,6 @@ def plot_comparison(path: Path, result: dict[str, Any]) -> None:
 def write_comparison(out: Path, result: dict[str, Any]) -> None:
     atomic_write_text(out / SUMMARY, json.dumps(result, indent=2))
     atomic_write_text(out / TABLE, render_table(result))
+    atomic_write_text(out / REPORT, render_report(result))
     plot_comparison(out / PLOT, result)
+    plot_curves(out / CURVES, result)

@@ -36,6 +36,7 @@ from safetensors.torch import save_file  # noqa: E402
 from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
 from fedamole.config import Config, load_config  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
+from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
 from fedamole.types import Architecture, ExampleScores, Metrics, StateDict  # noqa: E402
 
 CONFIG_FILE = "config.yaml"
@@ -82,15 +83,17 @@ def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
 
 class RunDir:
     """One run's directory. Open it with :meth:`open`, which checks it before anything expensive
-    runs: a new run never overwrites anything, a resumed one must have the same config and method."""
+    runs: a new run never overwrites anything, a resumed one must have the same config and method.
+    Every metric record also goes to the configured tracker (``output.tracker``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
         self.path = Path(path)
+        self.tracker = tracker or NullTracker()
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
     def open(cls, cfg: Config, method: str, resume: bool) -> RunDir:
-        run_dir = cls(cfg.output.dir)
+        run_dir = cls(cfg.output.dir, make_tracker(cfg.output))
         if resume:
             run_dir._check_resumable(cfg, method)
         elif run_dir.path.exists() and any(run_dir.path.iterdir()):
@@ -168,6 +171,24 @@ class RunDir:
 
     def write_example_scores(self, rows: list[Record]) -> None:
         _write_jsonl(self.path / EXAMPLE_SCORES, rows)
+
+    def start_tracking(self, cfg: Config, name: str, resume_round: int | None) -> None:
+        """Open the tracker run (a resumed run continues the same one from ``resume_round``)."""
+        self.tracker.start(self.path, name, cfg.model_dump(mode="json"), resume_round)
+
+    def track_round(self, round_idx: int, records: list[Record]) -> None:
+        """One round's records to the tracker: per client and mean, and the server's."""
+        clients = [r for r in records if r["split"] in SPLITS]
+        scalars = round_scalars(clients) if clients else {}
+        for record in records:
+            if record["split"] == SERVER:
+                scalars |= {
+                    f"server/{k}": v for k, v in record.items() if k not in ("round", "split")
+                }
+        self.tracker.log(scalars, step=round_idx)
+
+    def finish_tracking(self) -> None:
+        self.tracker.finish()
 
     def write_assignment(self, round_idx: int, architectures: Mapping[int, Architecture]) -> None:
         folder = self.path / ASSIGNMENTS

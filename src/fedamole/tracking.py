@@ -163,11 +163,6 @@ def make_tracker(output: OutputConfig) -> Tracker:
     return _TRACKERS[output.tracker](output)
 
 
-def log_round(tracker: Tracker, records: Sequence[MetricRecord]) -> None:
-    """Send one round's metrics.jsonl records to the tracker, at step = round."""
-    tracker.log(round_scalars(records), step=_the_round(records))
-
-
 _IDENTIFIERS = frozenset({"round", "client", "split"})
 _CLIENT_ROUND_FIELDS = frozenset({"train_loss", "bytes_up", "bytes_down"})
 """Fields that describe the client's round, repeated in each split's record: logged once."""

@@ -93,6 +93,9 @@ class Engine:
         """Run (or resume) every round; returns the summary written to summary.json."""
         started = time.perf_counter()
         state, previous_time = self._start(initial_state, resume)
+        self.run_dir.start_tracking(
+            self.cfg, f"{self.method.name}:{self.run_dir.path.name}", state.round or None
+        )
         self.transport.connect()
 
         def elapsed() -> float:
@@ -106,6 +109,7 @@ class Engine:
             self.run_dir.save_checkpoint(checkpoint)
         summary = {"method": self.method.name, **summarise(self.records, elapsed())}
         self.run_dir.write_summary(summary)
+        self.run_dir.finish_tracking()
         self.run_dir.write_plots(self.records, self.run_dir.latest_architectures())
         self.console.print(summary_table(summary))
         self.console.print(
@@ -167,6 +171,7 @@ class Engine:
     ) -> None:
         """Metrics and bytes per client that completed the round, and the server's record."""
         completed: dict[int, Metrics] = {}
+        first = len(self.records)
         for c, update in sorted(updates.items()):
             metrics, scores = dict(update.metrics), dict(update.example_scores)
             if self.method.evaluates_after_aggregation:
@@ -180,6 +185,7 @@ class Engine:
             self.example_scores += example_score_rows(round_idx, c, scores)
             completed[c] = metrics
         self.records += server_record(round_idx, diagnostics)
+        self.run_dir.track_round(round_idx, self.records[first:])
         if completed:
             self.console.print(round_table(round_idx, completed))
 

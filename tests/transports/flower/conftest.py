@@ -177,6 +177,15 @@ class Deployment:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
+    def kill_serverapp(self) -> None:
+        """SIGKILL the run's ServerApp process (a child of the SuperLink): the server crashes
+        mid-run while the SuperLink and the SuperNodes stay up."""
+        for pid in _descendants(self.processes["superlink"].pid):
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                return
+        raise AssertionError("no flwr-serverapp process under the SuperLink")
+
     def tail(self, name: str, lines: int = 40) -> str:
         text = (self.logs / f"{name}.log").read_text().splitlines()
         return f"--- {name} ---\n" + "\n".join(text[-lines:])
@@ -197,6 +206,23 @@ class Deployment:
                 os.killpg(proc.pid, signal.SIGKILL)
         for log in self._log_files:
             log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, p in parents.items() if p == parent]
+        found += children
+        todo += children
+    return found
 
 
 @pytest.fixture

@@ -28,32 +28,75 @@ def _without_time(summary_file: Path) -> dict:
     return summary
 
 
-def test_flower_run_equals_the_in_process_run(deployment, tiny_yaml, tmp_path):
+def _assert_same_run(out: Path, reference: Path, rounds: int, clients: int) -> None:
+    """Per client and round: metrics, bytes up/down; the summary; assignments; the checkpoint
+    and every client's model, tensors bit-exactly."""
+    assert _records(out) == _records(reference)
+    assert _without_time(out / "summary.json") == _without_time(reference / "summary.json")
+    for name in (f"round_{r:03d}.json" for r in range(rounds)):
+        if (reference / "assignments" / name).exists():
+            assert (out / "assignments" / name).read_text() == (
+                reference / "assignments" / name
+            ).read_text()
+    for tensors in (
+        "checkpoint.safetensors",
+        *(f"clients/{c}/adapter.safetensors" for c in range(clients)),
+    ):
+        ours, theirs = load_file(str(out / tensors)), load_file(str(reference / tensors))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), tensors
+
+
+def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, tmp_path):
+    """FedIT: the aggregated model is evaluated on every node with an EVALUATE message."""
     deployment.start_superlink()
     for client in range(3):
         deployment.start_supernode(client, 3)
     out = tmp_path / "flower-run"
     deployment.start_run(
-        {"config-file": str(tiny_yaml), "output.dir": str(out), "reply-timeout": 240.0}
+        {
+            "config-file": str(tiny_yaml),
+            "output.dir": str(out),
+            "method": "fedit",
+            "reply-timeout": 240.0,
+        }
     )
     log = deployment.finish_run(timeout=400)
-    assert "dropped" not in log
+    assert "dropped" not in log and "their evaluate messages" in log
 
     reference = tmp_path / "in-process"
-    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]))
-    assert _records(out) == _records(reference)  # per client and round: metrics, bytes up/down
-    assert _without_time(out / "summary.json") == _without_time(reference / "summary.json")
-    for name in ("round_000.json", "round_001.json"):
-        assert (out / "assignments" / name).read_text() == (
-            reference / "assignments" / name
-        ).read_text()
-    for tensors in (
-        "checkpoint.safetensors",
-        *(f"clients/{c}/adapter.safetensors" for c in range(3)),
-    ):
-        ours, theirs = load_file(str(out / tensors)), load_file(str(reference / tensors))
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[key], theirs[key]) for key in ours), tensors
+    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]), method="fedit")
+    _assert_same_run(out, reference, rounds=2, clients=3)
+
+
+def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
+    deployment, tiny_yaml, tmp_path
+):
+    """FedAMoLE for 3 rounds; the ServerApp is killed once round 0's checkpoint is written and
+    the run is resumed from it (resume=true): the outcome is the uninterrupted in-process run's."""
+    deployment.start_superlink()
+    for client in range(3):
+        deployment.start_supernode(client, 3)
+    out = tmp_path / "flower-run"
+    run_config = {
+        "config-file": str(tiny_yaml),
+        "output.dir": str(out),
+        "federation.rounds": 3,
+        "reply-timeout": 240.0,
+    }
+    deployment.start_run(run_config)
+    _wait_for(lambda: (out / "checkpoint.safetensors").exists(), "round 0's checkpoint")
+    deployment.kill_serverapp()
+    deployment.kill("run")  # its log stream would wait for the dead ServerApp forever
+    assert not (out / "summary.json").exists()
+
+    deployment.start_run(run_config | {"resume": True})
+    log = deployment.finish_run(timeout=400)
+    assert "resuming" in log and "at round 1" in log
+
+    reference = tmp_path / "in-process"
+    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}", "federation.rounds=3"]))
+    _assert_same_run(out, reference, rounds=3, clients=3)
 
 
 def _wait_for(condition, what: str, timeout: float = 300) -> None:
@@ -91,7 +134,7 @@ def test_killed_supernode_is_dropped_then_rejoins(deployment, tiny_yaml, tmp_pat
     after_round_1 = load_file(str(out / "checkpoint.safetensors"))
     log = deployment.finish_run(timeout=300)
 
-    assert "round 1: client 1 dropped from this round (" in log
+    assert "round 1: client 1 dropped from this round's train (" in log
     assert log.count("is client 1") == 2  # the restarted SuperNode was recognised as client 1
     rounds_of = {c: {r["round"] for r in _records(out) if r["client"] == c} for c in range(2)}
     assert rounds_of == {0: {0, 1, 2}, 1: {0, 2}}

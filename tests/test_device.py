@@ -1,0 +1,108 @@
+"""Device and precision plumbing on the CPU (the same code paths a GPU takes), the clear error
+for an absent CUDA device, and an end-to-end tiny run on CUDA where one exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedamole.cli import app
+from fedamole.config import ConfigError, load_config
+from fedamole.device import DeviceError, autocast, resolve_device
+from fedamole.transports.in_process import run_simulation
+
+TINY = [
+    "model.name=tiny-random-llama",
+    "model.max_length=512",
+    "data.synthetic_per_task=10",
+    "data.min_client_size=8",
+    "federation.num_clients=2",
+    "federation.rounds=1",
+    "federation.local_steps=2",
+    "federation.batch_size=2",
+    "hmole.num_experts=4",
+    "eval.max_new_tokens=2",
+]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+
+
+def _run(out: Path, *extra: str) -> dict:
+    return run_simulation(load_config(None, [*TINY, f"output.dir={out}", *extra]))
+
+
+def _bytes_up(out: Path) -> int:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["bytes_up"] for r in records if r["split"] == "test")
+
+
+def test_auto_and_explicit_cpu_resolve_here():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_unknown_device_names_the_setting():
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config(None, ["model.device=gpu0"])
+
+
+@no_cuda
+@pytest.mark.parametrize("setting", ["cuda", "cuda:1"])
+def test_asking_for_absent_cuda_fails_before_data_or_model_load(tmp_path, setting):
+    with pytest.raises(DeviceError, match=f"model.device={setting}"):
+        resolve_device(setting)
+    args = ["run", "--out", str(tmp_path / "run"), "--set", f"model.device={setting}"]
+    args += ["--set", "data.source=jsonl", "--set", f"data.path={tmp_path}/missing.jsonl"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"model.device={setting}" in result.output  # not the missing data file: checked first
+    assert not (tmp_path / "run").exists()
+
+
+def test_autocast_bf16_on_cpu_keeps_fp32_master_weights(tmp_path):
+    out = tmp_path / "bf16"
+    summary = _run(out, "model.device=cpu", "optim.mixed_precision=bf16")
+    assert summary["rounds"] == 1
+    weights = load_file(str(out / "clients" / "0" / "adapter.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records if "train_loss" in r)
+
+
+def test_autocast_runs_the_backbone_matmuls_in_bf16():
+    from fedamole.models import load_base_model
+
+    model, _ = load_base_model("tiny-random-llama")
+    ids = torch.randint(0, 100, (1, 8))
+    with autocast(torch.device("cpu"), "bf16"):
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "no"):
+        assert model(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_bfloat16_backbone_trains_fp32_adapters(tmp_path):
+    out = tmp_path / "bf16-backbone"
+    _run(out, "model.dtype=bfloat16")
+    weights = load_file(str(out / "clients" / "1" / "adapter.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_bfloat16_wire_halves_the_bytes_that_travel(tmp_path):
+    _run(tmp_path / "fp32")
+    _run(tmp_path / "bf16", "federation.wire_dtype=bfloat16")
+    assert _bytes_up(tmp_path / "bf16") * 2 == pytest.approx(_bytes_up(tmp_path / "fp32"), rel=0.02)
+
+
+@pytest.mark.gpu
+def test_tiny_run_end_to_end_on_cuda(tmp_path):
+    out = tmp_path / "cuda"
+    summary = _run(out, "model.device=cuda", "optim.mixed_precision=bf16", "federation.rounds=2")
+    assert summary["rounds"] == 2
+    checkpoint = load_file(str(out / "checkpoint.safetensors"))
+    assert {t.device.type for t in checkpoint.values()} == {"cpu"}  # server state stays on the CPU
