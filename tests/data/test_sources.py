@@ -13,6 +13,7 @@ from fedamole.config import ColumnMap, DataConfig
 from fedamole.data.example import UNLABELLED, DataError, Example
 from fedamole.data.prompts import NLI_LABELS
 from fedamole.data.sources import (
+    largest_tasks,
     load_dolly,
     load_jsonl,
     load_natural_instructions,
@@ -380,3 +381,14 @@ def test_hf_needs_a_folder_or_a_hub_id(tmp_path: Path) -> None:
         load_source(DataConfig(source="hf"), seed=0)
     with pytest.raises(DataError, match=r"data\.path .*nowhere does not exist"):
         load_source(DataConfig(source="hf", path=tmp_path / "nowhere"), seed=0)
+
+
+def test_natural_instructions_from_the_hub_keeps_the_largest_tasks():
+    examples = [
+        Example("i", str(k), "o", task)
+        for task, size in (("b", 3), ("a", 3), ("c", 1), ("d", 5))
+        for k in range(size)
+    ]
+    kept = largest_tasks(examples, 3)
+    assert [e.label for e in kept] == ["b"] * 3 + ["a"] * 3 + ["d"] * 5  # order kept; c dropped
+    assert largest_tasks(examples, 2) == [e for e in examples if e.label in ("a", "d")]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,10 +475,23 @@ def load_snli(path: Path | None = None) -> list[Example]:
     return _snli_examples(_hub_rows(SNLI_HUB, "train") if path is None else _read_jsonl(path))
 
 
+NI_LARGEST_TASKS = 100  # the paper's code draws its clients' tasks from the 100 largest
+
+
+def largest_tasks(examples: list[Example], count: int) -> list[Example]:
+    """The examples of the ``count`` tasks with the most examples (ties: task name), in their
+    original order; the task partition then gives client i the i-th of these in sorted order."""
+    sizes = Counter(example.label for example in examples)
+    kept = set(sorted(sizes, key=lambda task: (-sizes[task], task))[:count])
+    return [example for example in examples if example.label in kept]
+
+
 def load_natural_instructions(path: Path | None = None) -> list[Example]:
-    """A folder of official task .json files (label = task name) or, if None, the hub copy."""
+    """A folder of official task .json files (label = task name, every task kept) or, if None,
+    the hub copy restricted to its 100 largest tasks, as the paper's code does."""
     if path is None:
-        return [_ni_hub_example(where, row) for where, row in _hub_rows(NI_HUB, "train")]
+        rows = _hub_rows(NI_HUB, "train")
+        return largest_tasks([_ni_hub_example(where, row) for where, row in rows], NI_LARGEST_TASKS)
     files = sorted(_check_path(path, want_dir=True).glob("*.json"))
     if not files:
         raise DataError(f"data.path {path} holds no task .json files; point it at a task folder")
