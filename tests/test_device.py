@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from fedamole.cli import app
 from fedamole.config import ConfigError, load_config
 from fedamole.device import DeviceError, autocast, resolve_device
+from fedamole.federation.method import build_base_model
+from fedamole.models import load_base_model
 from fedamole.transports.in_process import run_simulation
 
 TINY = [
@@ -75,8 +77,6 @@ def test_autocast_bf16_on_cpu_keeps_fp32_master_weights(tmp_path):
 
 
 def test_autocast_runs_the_backbone_matmuls_in_bf16():
-    from fedamole.models import load_base_model
-
     model, _ = load_base_model("tiny-random-llama")
     ids = torch.randint(0, 100, (1, 8))
     with autocast(torch.device("cpu"), "bf16"):
@@ -106,3 +106,23 @@ def test_tiny_run_end_to_end_on_cuda(tmp_path):
     assert summary["rounds"] == 2
     checkpoint = load_file(str(out / "checkpoint.safetensors"))
     assert {t.device.type for t in checkpoint.values()} == {"cpu"}  # server state stays on the CPU
+
+
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    _run(tmp_path / "plain")
+    _run(tmp_path / "checkpointed", "model.gradient_checkpointing=true")
+    plain = load_file(str(tmp_path / "plain" / "checkpoint.safetensors"))
+    checkpointed = load_file(str(tmp_path / "checkpointed" / "checkpoint.safetensors"))
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
+    assert any(
+        not torch.equal(plain[k], torch.zeros_like(plain[k])) for k in plain if "lora_B" in k
+    )
+
+
+def test_gradient_checkpointing_setting_reaches_the_backbone():
+    cfg = load_config(None, [*TINY, "model.gradient_checkpointing=true"])
+    model, _ = build_base_model(cfg)
+    assert model.is_gradient_checkpointing
+    assert not build_base_model(load_config(None, TINY))[0].is_gradient_checkpointing

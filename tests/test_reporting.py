@@ -30,3 +30,37 @@ def test_selection_uses_validation_and_a_dropped_client_reports_its_latest_round
     assert summary["mean"]["selected"] == {"rougeL": pytest.approx(0.35)}
     assert summary["rounds"] == 3
     assert summary["total_bytes_up"] == 50 and summary["total_bytes_down"] == 100
+
+
+def test_ties_select_the_latest_round():
+    records = (
+        _records(0, 0, val=0.5, test=0.1)
+        + _records(0, 1, val=0.2, test=0.2)
+        + _records(0, 2, val=0.5, test=0.3)  # ties round 0: the model trained longer wins
+        + _records(1, 0, val=0.4, test=0.4)
+        + _records(1, 1, val=0.4, test=0.5)
+        + _records(1, 2, val=0.1, test=0.6)
+    )
+    summary = summarise(records, wall_time_s=1.0)
+    assert summary["per_client"]["0"]["selected"]["round"] == 2
+    assert summary["per_client"]["1"]["selected"]["round"] == 1
+    assert summary["best_round"]["round"] == 0  # mean val 0.45, 0.30, 0.30: no tie at the top
+    tied = _records(0, 0, val=0.25, test=0.1) + _records(0, 1, val=0.75, test=0.2)
+    tied += _records(1, 0, val=0.75, test=0.3) + _records(1, 1, val=0.25, test=0.4)
+    assert summarise(tied, 1.0)["best_round"]["round"] == 1  # 0.5 and 0.5: the latest
+
+
+def test_best_mean_validation_round_is_one_round_for_everybody():
+    records = (
+        _records(0, 0, val=0.6, test=0.1)
+        + _records(0, 1, val=0.2, test=0.2)
+        + _records(1, 0, val=0.0, test=0.3)
+        + _records(1, 1, val=0.6, test=0.4)
+    )
+    summary = summarise(records, wall_time_s=1.0)
+    assert summary["best_round"] == {
+        "round": 1,
+        "val": pytest.approx(0.4),
+        "rougeL": pytest.approx(0.3),
+    }
+    assert [c["selected"]["round"] for c in summary["per_client"].values()] == [0, 1]

@@ -1,0 +1,93 @@
+"""Bring-your-own data end to end: each supported shape runs a 1-round tiny federation."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from rich.console import Console
+
+from fedamole.config import load_config
+from fedamole.data.example import DataError
+from fedamole.transports.in_process import run_simulation
+
+TINY = [
+    "model.name=tiny-random-llama",
+    "model.max_length=512",
+    "data.min_client_size=8",
+    "federation.num_clients=2",
+    "federation.rounds=1",
+    "federation.local_steps=1",
+    "hmole.num_experts=4",
+    "eval.max_new_tokens=2",
+]
+TOPICS = ("cooking", "travel")
+
+
+def _question(i: int) -> tuple[str, str, str]:
+    topic = TOPICS[i % 2]
+    return f"Tell me fact {i} about {topic}.", f"Fact {i} about {topic}.", topic
+
+
+def _messages_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        question, answer, topic = _question(i)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages, "label": topic})
+    return rows
+
+
+def _prompt_completion_rows(n: int) -> list[dict]:
+    return [
+        {"prompt": q, "completion": a, "label": t} for q, a, t in (_question(i) for i in range(n))
+    ]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _run(tmp_path: Path, *settings: str) -> dict:
+    cfg = load_config(None, [*TINY, f"output.dir={tmp_path / 'run'}", *settings])
+    return run_simulation(cfg, console=Console(file=io.StringIO()))
+
+
+@pytest.mark.parametrize("rows", [_messages_rows, _prompt_completion_rows])
+def test_conversational_jsonl_runs_a_federation(tmp_path, rows):
+    path = _write_jsonl(tmp_path / "data.jsonl", rows(60))
+    summary = _run(tmp_path, "data.source=jsonl", f"data.path={path}", "data.dirichlet_alpha=1.0")
+    assert summary["rounds"] == 1 and set(summary["per_client"]) == {"0", "1"}
+
+
+def test_hugging_face_folder_with_a_column_mapping_runs_a_federation(tmp_path):
+    questions = [_question(i) for i in range(60)]
+    Dataset.from_dict(
+        {
+            "question": [q for q, _, _ in questions],
+            "answer": [a for _, a, _ in questions],
+            "topic": [t for _, _, t in questions],
+        }
+    ).save_to_disk(str(tmp_path / "hf"))
+    summary = _run(
+        tmp_path,
+        "data.source=hf",
+        f"data.path={tmp_path / 'hf'}",
+        "data.columns.instruction=question",
+        "data.columns.output=answer",
+        "data.columns.label=topic",
+    )
+    assert summary["rounds"] == 1
+
+
+def test_a_malformed_row_names_file_and_line_before_the_model_loads(tmp_path):
+    rows = _messages_rows(20)
+    rows[6] = {"messages": [{"role": "user", "content": "hi"}]}  # no assistant answer
+    path = _write_jsonl(tmp_path / "broken.jsonl", rows)
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 7"):
+        _run(tmp_path, "data.source=jsonl", f"data.path={path}")
+    assert not (tmp_path / "run").exists()
