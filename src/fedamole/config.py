@@ -172,7 +172,15 @@ class RSEAConfig(_Section):
 class PrivacyConfig(_Section):
     enabled: bool = False
     eta: float = Field(100.0, gt=0, description="larger eta = less noise")
-    clip_norm: float = Field(1.0, gt=0)
+    clip_norm: float = Field(
+        0.75,
+        gt=0,
+        description=(
+            "bound each embedding is clipped to before noise; the guarantee is eta-metric DP "
+            "over vectors at most 2 * clip_norm apart, so calibrate it to the emb_norm_max a "
+            "non-private run logs (SmolLM2-135M at round 0: median 0.37, max 0.74)"
+        ),
+    )
     seed: int | None = Field(
         None, description="for tests only: seeds the noise; None draws it from OS entropy"
     )

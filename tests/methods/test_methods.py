@@ -207,3 +207,18 @@ def test_privacy_noise_is_unpredictable_from_the_run_seed():
     assert torch.equal(
         _uploaded_embeddings("privacy.seed=5"), _uploaded_embeddings("privacy.seed=5")
     )
+
+
+def test_embedding_norms_are_logged_and_stay_private_under_privacy():
+    fed = federation("fedamole")
+    update = fed.method.client_round(fed.method.payload(fed.state, 0), fed.clients[0])
+    vectors = list(update.embeddings.data.values())
+    vectors += [v for by_expert in update.embeddings.experts.values() for v in by_expert.values()]
+    assert update.metrics["emb_norm_max"] == pytest.approx(
+        max(torch.linalg.vector_norm(v).item() for v in vectors)
+    )
+    private = federation("fedamole", "privacy.enabled=true")
+    update = private.method.client_round(
+        private.method.payload(private.state, 0), private.clients[0]
+    )
+    assert "emb_clipped_share" in update.metrics and "emb_norm_max" not in update.metrics

@@ -7,6 +7,7 @@ import torch
 
 from fedamole.rsea.privacy import (
     clip_to_norm,
+    embedding_norms,
     metric_dp_noise,
     noise_generator,
     privatize_embeddings,
@@ -73,8 +74,9 @@ def _embeddings(order: list[str]) -> ClientEmbeddings:
 
 def test_privatize_noises_every_vector_reproducibly() -> None:
     emb = _embeddings(["a", "b"])
-    first, norms = privatize_embeddings(emb, 50.0, 1.0, _gen(3))
-    reordered, _ = privatize_embeddings(_embeddings(["b", "a"]), 50.0, 1.0, _gen(3))
+    first = privatize_embeddings(emb, 50.0, 1.0, _gen(3))
+    reordered = privatize_embeddings(_embeddings(["b", "a"]), 50.0, 1.0, _gen(3))
+    norms = embedding_norms(emb, 1.0)
     clean = [torch.linalg.vector_norm(v).item() for v in emb.data.values()] + [
         torch.linalg.vector_norm(v).item() for ex in emb.experts.values() for v in ex.values()
     ]

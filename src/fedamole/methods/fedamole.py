@@ -35,7 +35,7 @@ from fedamole.hmole import HMoLEAdapter, inject_hmole
 from fedamole.hmole.keys import router_key, state_keys
 from fedamole.rsea.diagnostics import assignment_diagnostics, score_diagnostics
 from fedamole.rsea.embeddings import compute_embeddings
-from fedamole.rsea.privacy import noise_generator, privatize_embeddings
+from fedamole.rsea.privacy import embedding_norms, noise_generator, privatize_embeddings
 from fedamole.rsea.scoring import expert_preferences
 from fedamole.rsea.solver import (
     InfeasibleAssignmentError,
@@ -260,12 +260,14 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
         metrics, example_scores = evaluate_client(runtime)
         aux_batches = fixed_batches(data.aux, cfg.eval.batch_size, pad_id)
         embeddings = compute_embeddings(adapter, aux_batches, cfg.optim.mixed_precision)
+        norms = embedding_norms(embeddings, cfg.privacy.clip_norm)
         if cfg.privacy.enabled:
             noise = noise_generator(cfg.privacy.seed, payload.round, data.client_id)
-            embeddings, norms = privatize_embeddings(
+            embeddings = privatize_embeddings(
                 embeddings, cfg.privacy.eta, cfg.privacy.clip_norm, noise
             )
-            metrics |= norms
+            norms = {"emb_clipped_share": norms["emb_clipped_share"]}  # sizes stay private
+        metrics |= norms
         return ClientUpdate(
             client_id=data.client_id,
             weights=adapter.state(),

@@ -62,8 +62,8 @@ def noise_generator(test_seed: int | None, round_idx: int, client_id: int) -> to
 def embedding_norms(emb: ClientEmbeddings, clip_norm: float) -> dict[str, float]:
     """Norms of the clean vectors and the share that clipping shortens: what ``privacy.clip_norm``
     should be calibrated against (a bound far above every norm adds nothing; far below, every
-    vector is cut to the same length and carries direction only). The server sees these three
-    numbers: they reveal the sizes of the embeddings, not their directions."""
+    vector is cut to the same length and carries direction only). Without privacy a client
+    reports all three; with privacy only the clipped share, so the sizes stay private."""
     norms = torch.stack([torch.linalg.vector_norm(v.double()) for v in _vectors(emb)])
     return {
         "emb_norm_median": norms.median().item(),
@@ -78,10 +78,9 @@ def _vectors(emb: ClientEmbeddings) -> list[Tensor]:
 
 def privatize_embeddings(
     emb: ClientEmbeddings, eta: float, clip_norm: float, generator: torch.Generator
-) -> tuple[ClientEmbeddings, dict[str, float]]:
+) -> ClientEmbeddings:
     """A noised copy of every vector in emb (drawn in sorted module / expert order, so the same
-    generator state gives the same result whatever the dicts' insertion order), and the clean
-    vectors' norm statistics (:func:`embedding_norms`)."""
+    generator state gives the same result whatever the dicts' insertion order)."""
     data = {
         module: metric_dp_noise(emb.data[module], eta, clip_norm, generator)
         for module in sorted(emb.data)
@@ -93,4 +92,4 @@ def privatize_embeddings(
         }
         for module, vectors in sorted(emb.experts.items())
     }
-    return ClientEmbeddings(data=data, experts=experts), embedding_norms(emb, clip_norm)
+    return ClientEmbeddings(data=data, experts=experts)
