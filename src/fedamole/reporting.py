@@ -37,7 +37,13 @@ from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  #
 from fedamole.config import Config, load_config  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
-from fedamole.types import Architecture, ExampleScores, Metrics, StateDict  # noqa: E402
+from fedamole.types import (  # noqa: E402
+    SPLIT_METRICS,
+    Architecture,
+    ExampleScores,
+    Metrics,
+    StateDict,
+)
 
 CONFIG_FILE = "config.yaml"
 METHOD_FILE = "method.json"
@@ -257,7 +263,9 @@ def primary_name(metrics: Mapping[str, Any]) -> str:
 def metric_records(
     round_idx: int, client_id: int, metrics: Metrics, bytes_up: int, bytes_down: int
 ) -> list[Record]:
-    """One record per split (val, test) of one client in one round."""
+    """One record per split (val, test) of one client in one round; the round's own metrics
+    (train_loss, embedding norms) and bytes repeat in both."""
+    own = {k: v for k, v in metrics.items() if not k.startswith(tuple(f"{s}_" for s in SPLITS))}
     return [
         {
             "round": round_idx,
@@ -269,6 +277,7 @@ def metric_records(
                 if k.startswith(f"{split}_")
             },
             "train_loss": metrics.get("train_loss"),
+            **own,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
@@ -292,11 +301,8 @@ def example_score_rows(round_idx: int, client_id: int, scores: ExampleScores) ->
     return rows
 
 
-_NOT_METRICS = {"round", "client", "split", "train_loss", "bytes_up", "bytes_down"}
-
-
 def _test_values(record: Record) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k not in _NOT_METRICS}
+    return {k: v for k, v in record.items() if k in SPLIT_METRICS}
 
 
 def _latest_best(rounds: Mapping[int, float]) -> int:

@@ -32,6 +32,7 @@ import yaml
 
 from fedamole.config import ConfigError, OutputConfig
 from fedamole.files import atomic_write_text
+from fedamole.types import SPLIT_METRICS
 
 TENSORBOARD_DIR = "tensorboard"
 RUN_ID_FILE = "tracker_run.json"
@@ -164,8 +165,6 @@ def make_tracker(output: OutputConfig) -> Tracker:
 
 
 _IDENTIFIERS = frozenset({"round", "client", "split"})
-_CLIENT_ROUND_FIELDS = frozenset({"train_loss", "bytes_up", "bytes_down"})
-"""Fields that describe the client's round, repeated in each split's record: logged once."""
 
 
 def round_scalars(records: Sequence[MetricRecord]) -> dict[str, float]:
@@ -179,7 +178,9 @@ def round_scalars(records: Sequence[MetricRecord]) -> dict[str, float]:
         for key, value in record.items():
             if key in _IDENTIFIERS or not _is_number(value):
                 continue
-            name = key if key in _CLIENT_ROUND_FIELDS else f"{record['split']}_{key}"
+            # a split's scores are named by split; the round's own fields (train_loss, bytes,
+            # repeated in each split's record) once
+            name = f"{record['split']}_{key}" if key in SPLIT_METRICS else key
             values[name] = float(value)
     scalars = {
         f"client{client}/{name}": value

@@ -19,6 +19,9 @@ ExampleScores = dict[str, list[float]]  # "test_rougeL" -> one value per example
 WireDtype = Literal["float32", "bfloat16"]
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What evaluating a split yields; every other metric of a client's round (train_loss, bytes,
+# embedding norms) belongs to the round, not to a split.
+SPLIT_METRICS = frozenset({"accuracy", "rougeL", "exact_match", "num_examples"})
 
 
 @dataclass
