@@ -153,6 +153,22 @@ def test_fdlora_server_takes_nesterov_sgd_steps_on_the_averaged_outer_gradient()
     assert all(torch.equal(v, personal_after_sync[k]) for k, v in personal.items())
 
 
+def test_fdlora_synchronises_a_client_in_the_first_period_round_it_takes_part_in():
+    fed = federation("fdlora", "baselines.fdlora_sync_every=2")
+    first, second = fed.clients[:2]
+    fed.play([first])  # round 0: the second client is not sampled
+    untouched = {k: v for k, v in second.private.items() if k.startswith("personal/")}
+    assert all(torch.equal(v, fed.method.initial[k]) for k, v in untouched.items())
+    updates = fed.play([first, second])  # round 1: same period for the first, new for the second
+    for runtime, update, synced in ((first, updates[0], 0), (second, updates[1], 1)):
+        assert runtime.private["sync/round"].tolist() == [synced]
+        b = next(k for k in update.weights if ".lora_B." in k)
+        copied = torch.equal(runtime.private[b.replace("global/", "personal/")], update.weights[b])
+        assert copied == (synced == 1)
+    fed.play([first])  # round 2: a new period
+    assert first.private["sync/round"].tolist() == [2]
+
+
 def fusion_objective(runtime, weights: tuple[float, float]) -> float:
     batch = collate(runtime.data.aux[:FUSION_EXAMPLES], runtime.tokenizer.pad_token_id)
     penalty = L1_PENALTY * float(np.abs(weights).mean())

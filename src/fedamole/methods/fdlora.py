@@ -10,10 +10,11 @@ it for their comparison (their public code is the reference where the paper is n
   ``theta <- theta - eta (g + mu m)`` (``baselines.fdlora_outer_lr`` eta = 1,
   ``baselines.fdlora_outer_momentum`` mu = 0.5, the reference's values; mu = 0 with eta = 1 is
   FedAvg). The momentum is server state (store keys ``momentum/global/...``, never sent).
-- **Personal LoRA**, private, never uploaded. In rounds 0, k, 2k, ... (k =
+- **Personal LoRA**, private, never uploaded. In the first round of every k-round period that
+  the client takes part in (rounds 0, k, 2k, ... when all take part; k =
   ``baselines.fdlora_sync_every``, 5 as in the reference) it becomes a copy of the global LoRA
   the client has just trained on its own data (the paper's synchronisation); it is not trained
-  otherwise.
+  otherwise. The round of the last copy is kept privately under ``sync/round``.
 - **Budget per round**: ``local_steps`` optimiser steps on one LoRA, FedIT's exactly (the
   reference's inner optimiser is AdamW with torch's default decay; the shared loop's Adam
   settings are kept, as for every method). The synchronisation is a copy. AdaFusion adds
@@ -58,6 +59,7 @@ from fedamole.types import (
 GLOBAL, PERSONAL = "global", "personal"
 MOMENTUM = "momentum/"  # server-side outer momentum, keyed "momentum/<global key>"
 FUSION_KEY = "fusion/weights"  # float32 tensor [w_global, w_personal]
+SYNC_KEY = "sync/round"  # int64 tensor [round of the personal LoRA's last synchronisation]
 FUSION_BOUND = 1.5  # the reference's search box
 FUSION_EXAMPLES = 5  # the reference scores 5 auxiliary batches of one example
 FUSION_EVALUATIONS = 12  # the simplex's 3 corners and 9 Nelder-Mead moves
@@ -118,10 +120,14 @@ class FDLoRA(LoraMethod):
     def client_round(
         self, payload: ClientPayload, runtime: LoraRuntime, on_step: StepCallback | None = None
     ) -> ClientUpdate:
-        """Train the global LoRA; in synchronisation rounds the personal LoRA becomes a copy."""
+        """Train the global LoRA; once a period the personal LoRA becomes a copy of it."""
+        synced = runtime.private.get(SYNC_KEY)
         update = super().client_round(payload, runtime, on_step)
-        if payload.round % runtime.cfg.baselines.fdlora_sync_every == 0:
+        period = runtime.cfg.baselines.fdlora_sync_every
+        if synced is None or int(synced) // period < payload.round // period:
+            synced = torch.tensor([payload.round])
             runtime.private |= personal_copy(update.weights)
+        runtime.private[SYNC_KEY] = synced
         return update
 
     def evaluate(self, payload: ClientPayload, runtime: LoraRuntime) -> ClientEvaluation:
