@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -30,8 +31,8 @@ TINY = [
 ]
 
 
-def _compare(out, *extra: str) -> None:
-    args = ["compare", "--methods", "local,fedamole", "--out", str(out), *extra]
+def _compare(out, *extra: str, methods: str = "local,fedamole") -> None:
+    args = ["compare", "--methods", methods, "--out", str(out), *extra]
     for item in TINY:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
@@ -131,6 +132,62 @@ def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatc
         ref = load_file(str(tmp_path / "ref" / "clients" / str(cid) / "adapter.safetensors"))
         got = load_file(str(out / "clients" / str(cid) / "adapter.safetensors"))
         assert ref.keys() == got.keys() and all((ref[k] == got[k]).all() for k in ref)
+
+
+def test_compare_runs_the_paper_baselines_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    _compare(out, methods="fedprompt,fedptuning,fdlora")
+    doc = json.loads((out / "summary.json").read_text())
+    assert set(doc["methods"]) == {"fedprompt", "fedptuning", "fdlora"}
+    for row in doc["methods"].values():
+        assert set(row["per_client"]) == {"0", "1"} and row["bytes_up_per_round"] > 0
+    table = (out / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in ("fedprompt", "fedptuning", "fdlora"))
+    fdlora_client = load_file(
+        str(out / "fdlora" / "seed42" / "clients" / "0" / "adapter.safetensors")
+    )
+    assert "fusion/weights" in fdlora_client and any(
+        k.startswith("personal/") for k in fdlora_client
+    )
+
+
+@pytest.mark.parametrize("method", ["fedprompt", "fedptuning", "fdlora"])
+def test_a_killed_run_of_a_paper_baseline_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, method
+):
+    """Killed after round 1's checkpoint: FDLoRA's personal LoRAs (synchronised in round 0, kept
+    by the clients) and the server's outer momentum (made in round 1) must both come back."""
+    tiny = [*TINY, "federation.rounds=3"]
+    reference = in_process.run_simulation(
+        load_config(None, [*tiny, f"output.dir={tmp_path / 'ref'}"]), method=method
+    )
+
+    save = RunDir.save_checkpoint
+    saved = []
+
+    def killed(run_dir, checkpoint):
+        save(run_dir, checkpoint)
+        saved.append(checkpoint.state.round)
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # right after round 1's checkpoint
+
+    out = tmp_path / "killed"
+    cfg = load_config(None, [*tiny, f"output.dir={out}"])
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            in_process.run_simulation(cfg, method=method)
+    resumed = in_process.run_simulation(cfg, resume=True, method=method)
+
+    def without_time(summary: dict) -> dict:
+        return {k: v for k, v in summary.items() if k != "wall_time_s"}
+
+    assert without_time(resumed) == without_time(reference)
+    assert RunDir(out).read_records() == RunDir(tmp_path / "ref").read_records()
+    for cid in (0, 1):
+        ref = load_file(str(tmp_path / "ref" / "clients" / str(cid) / "adapter.safetensors"))
+        got = load_file(str(out / "clients" / str(cid) / "adapter.safetensors"))
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_resume_refuses_a_run_of_another_method(tmp_path):

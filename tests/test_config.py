@@ -48,6 +48,8 @@ def test_overrides_parse_yaml_values(tmp_path):
         ("hmole.rank=0", "hmole.rank"),
         ("data.train_frac=0.9", "sum to 1"),
         ("rounds", "expected key=value"),
+        ("baselines.prompt_tuning_init=text", "baselines.prompt_tuning_init_text"),
+        ("baselines.fdlora_outer_momentum=1", "baselines.fdlora_outer_momentum"),
     ],
 )
 def test_bad_settings_name_the_key(override, message):

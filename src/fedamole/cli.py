@@ -84,7 +84,10 @@ def compare(
     methods: Annotated[
         str,
         typer.Option(help="comma-separated methods, e.g. fedamole,fedit,local"),
-    ] = "local,fedit,fedit-ft,ffa-lora,feddpa,fedamole,fedamole-r,fedamole-h",
+    ] = (
+        "local,fedit,fedit-ft,ffa-lora,feddpa,fedprompt,fedptuning,fdlora,"
+        "fedamole,fedamole-r,fedamole-h"
+    ),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds, one run each")] = "42",
     jobs: Annotated[
         int,

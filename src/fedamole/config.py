@@ -200,6 +200,57 @@ class OptimConfig(_Section):
     )
 
 
+class BaselinesConfig(_Section):
+    """Settings of the prompt-learning baselines and FDLoRA that FedAMoLE's own sections do not
+    cover (the LoRA baselines take rank, alpha, dropout and targets from ``hmole``).
+
+    20 virtual tokens: Lester et al. (2021) found prompt-tuning quality flat beyond 20 tokens, and
+    the FedAMoLE authors' code runs P-tuning with 20. Vocabulary init: PEFT's random init draws
+    N(0, 1) entries, far larger than a backbone's token embeddings; sampled vocabulary embeddings
+    start at their scale without naming a task (``text`` needs one).
+    """
+
+    num_virtual_tokens: int = Field(
+        20, ge=1, description="soft-prompt length of fedprompt and fedptuning"
+    )
+    prompt_tuning_init: Literal["vocab", "random", "text"] = Field(
+        "vocab",
+        description="fedprompt init: embeddings of random vocabulary tokens, N(0, 1), or of "
+        "prompt_tuning_init_text (repeated or cut to num_virtual_tokens)",
+    )
+    prompt_tuning_init_text: str | None = Field(
+        None, description="the text prompt_tuning_init=text starts from"
+    )
+    ptuning_encoder: Literal["mlp", "lstm"] = Field(
+        "mlp", description="fedptuning's prompt encoder (PEFT's reparameterisation)"
+    )
+    ptuning_hidden_size: int | None = Field(
+        None, ge=1, description="fedptuning encoder width; None = the backbone's hidden size"
+    )
+    fdlora_sync_every: int = Field(
+        5,
+        ge=1,
+        description="fdlora: the personal LoRA becomes the client's locally trained LoRA in "
+        "rounds 0, k, 2k, ... (the FedAMoLE authors' default k)",
+    )
+    fdlora_outer_lr: float = Field(1.0, gt=0, description="fdlora: server (outer) SGD step size")
+    fdlora_outer_momentum: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="fdlora: Nesterov momentum of the outer step; 0 with outer_lr 1 = FedAvg",
+    )
+
+    @model_validator(mode="after")
+    def _init_text_given(self) -> BaselinesConfig:
+        if self.prompt_tuning_init == "text" and not (self.prompt_tuning_init_text or "").strip():
+            raise ValueError(
+                "baselines.prompt_tuning_init=text needs baselines.prompt_tuning_init_text, "
+                "e.g. 'Answer the instruction.'"
+            )
+        return self
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -224,6 +275,7 @@ class Config(_Section):
     rsea: RSEAConfig = Field(default_factory=RSEAConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

@@ -200,6 +200,7 @@ def generate(
 def _mean_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token NLL over each sequence's labelled tokens (one value per sequence)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt learning prepends virtual tokens
     targets = batch["labels"][:, 1:]
     nll = F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2),

@@ -1,9 +1,10 @@
 """Federated fine-tuning methods, by name, all behind one interface
 (:class:`fedamole.federation.method.FederatedMethod`) so the round engine drives them alike.
 
-FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``) and the baselines users
-would otherwise pick (``local``, ``fedit``, ``fedit-ft``, ``ffa-lora``, ``feddpa``), all on the
-same data pipeline, seeds, training loop and budget (see :mod:`fedamole.methods.lora`).
+FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``), the paper's baselines
+(``fedit``, ``fedit-ft``, ``fedprompt``, ``fedptuning``, ``fdlora``) and others users would pick
+(``local``, ``ffa-lora``, ``feddpa``), all on the same data pipeline, seeds, training loop and
+budget (see :mod:`fedamole.methods.lora`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections.abc import Callable
 
 from fedamole.config import Config, ConfigError
 from fedamole.federation.method import FederatedMethod
+from fedamole.methods.fdlora import FDLoRA
 from fedamole.methods.fedamole import FedAMoLE
 from fedamole.methods.feddpa import FedDPA
+from fedamole.methods.fedprompt import FedPrompt
+from fedamole.methods.fedptuning import fedptuning
 from fedamole.methods.lora import LoraMethod, fedit, fedit_ft, ffa_lora, local
 
 METHODS: dict[str, Callable[[], FederatedMethod]] = {
@@ -22,6 +26,9 @@ METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "fedit-ft": fedit_ft,
     "ffa-lora": ffa_lora,
     "feddpa": FedDPA,
+    "fedprompt": FedPrompt,
+    "fedptuning": fedptuning,
+    "fdlora": FDLoRA,
     "fedamole": lambda: FedAMoLE("fedamole"),
     "fedamole-r": lambda: FedAMoLE("fedamole-r"),
     "fedamole-h": lambda: FedAMoLE("fedamole-h"),
@@ -48,8 +55,10 @@ def resolve_method(name: str | None, cfg: Config) -> FederatedMethod:
 __all__ = [
     "FEDAMOLE_VARIANTS",
     "METHODS",
+    "FDLoRA",
     "FedAMoLE",
     "FedDPA",
+    "FedPrompt",
     "FederatedMethod",
     "LoraMethod",
     "UnknownMethodError",

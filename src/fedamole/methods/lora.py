@@ -23,8 +23,11 @@ FFA-LoRA's A matrices are drawn once from the run seed, identically on every cli
 server's one-time initialisation amounts to; that one-off download is not counted), and never
 change. FedDPA (:mod:`fedamole.methods.feddpa`) adds a second, private adapter.
 
-State travels as flat dicts keyed ``"<adapter>/<PEFT state-dict key>"``, so aggregation,
-checkpoints and ``clients/<id>/adapter.safetensors`` handle it like any other state.
+State travels as flat dicts keyed ``"<adapter>/<PEFT parameter name without the adapter>"`` (for
+LoRA: PEFT's state-dict key), so aggregation, checkpoints and ``clients/<id>/adapter.safetensors``
+handle it like any other state. The prompt-learning baselines (:mod:`fedamole.methods.fedprompt`,
+:mod:`fedamole.methods.fedptuning`) and FDLoRA (:mod:`fedamole.methods.fdlora`) are rules on the
+same class.
 """
 
 from __future__ import annotations
@@ -34,16 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedamole.aggregation import aggregate
 from fedamole.config import Config, HMoLEConfig
@@ -93,39 +90,52 @@ def lora_config(h: HMoLEConfig) -> LoraConfig:
     )
 
 
-class LoraHandle:
-    """A frozen backbone with named PEFT LoRA adapters, shared by every simulated client:
-    states are swapped in and out as flat dicts."""
+class AdapterHandle:
+    """A frozen backbone with named PEFT adapters, shared by every simulated client: states are
+    swapped in and out as flat dicts of the adapters' parameters. A prompt-learning adapter runs
+    alone and unscaled; :class:`LoraHandle` mixes LoRA adapters at any weights."""
 
-    def __init__(self, model: PeftModel, adapters: tuple[str, ...]) -> None:
+    def __init__(self, model: PeftModel, adapters: tuple[str, ...], belongs: KeyRule) -> None:
         self.model = model
         self.adapters = adapters
-        self.params = _flat_parameters(model, adapters)
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.params = _flat_parameters(model, adapters, belongs)
 
     def state(self) -> StateDict:
         """Every adapter's tensors, as detached CPU copies."""
-        return {
-            f"{adapter}/{key}": value.detach().cpu().clone()
-            for adapter in self.adapters
-            for key, value in get_peft_model_state_dict(self.model, adapter_name=adapter).items()
-        }
+        return {key: param.detach().cpu().clone() for key, param in self.params.items()}
 
+    @torch.no_grad()
     def load(self, state: StateDict) -> None:
         """Load a complete state (every tensor of every adapter must be there)."""
         missing = set(self.params) - set(state)
         if missing:
-            raise KeyError(f"LoRA state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        for adapter in self.adapters:
-            prefix = f"{adapter}/"
-            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            set_peft_model_state_dict(self.model, part, adapter_name=adapter)
+            raise KeyError(
+                f"adapter state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+            )
+        for key, param in self.params.items():
+            param.copy_(state[key])
 
     def trainable(self, rule: KeyRule) -> list[nn.Parameter]:
         """Unfreeze exactly the tensors ``rule`` selects; all other adapter tensors stay frozen."""
         for key, param in self.params.items():
             param.requires_grad_(rule(key))
         return [param for key, param in self.params.items() if rule(key)]
+
+    @contextmanager
+    def mixing(self, weights: dict[str, float]) -> Iterator[None]:
+        """Run with one adapter active at full weight (a soft prompt cannot be scaled)."""
+        if len(weights) != 1 or set(weights.values()) != {1.0}:
+            raise ValueError(f"prompt adapters run one at a time at weight 1, got {weights}")
+        self.model.set_adapter(next(iter(weights)))
+        yield
+
+
+class LoraHandle(AdapterHandle):
+    """Named PEFT LoRA adapters, which can run together, each at its own weight."""
+
+    def __init__(self, model: PeftModel, adapters: tuple[str, ...]) -> None:
+        super().__init__(model, adapters, lambda name: ".lora_" in name)
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
     @contextmanager
     def mixing(self, weights: dict[str, float]) -> Iterator[None]:
@@ -142,19 +152,22 @@ class LoraHandle:
                     layer.set_scale(adapter, 1.0)
 
 
-def _flat_parameters(model: PeftModel, adapters: tuple[str, ...]) -> dict[str, nn.Parameter]:
-    """Adapter parameters under their flat state keys (PEFT names them ``...lora_A.<adapter>.
-    weight``; its state dicts drop the adapter name)."""
+def _flat_parameters(
+    model: PeftModel, adapters: tuple[str, ...], belongs: KeyRule
+) -> dict[str, nn.Parameter]:
+    """Adapter parameters (those whose name ``belongs``) under flat keys ``"<adapter>/<name
+    without the adapter>"``: PEFT names them ``...lora_A.<adapter>.weight`` or
+    ``prompt_encoder.<adapter>.embedding.weight``; for LoRA the key is PEFT's state-dict key."""
     out: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters():
         for adapter in adapters:
             marker = f".{adapter}."
-            if ".lora_" in name and marker in name:
-                out[f"{adapter}/{name.replace(marker, '.')}"] = param
+            if belongs(name) and marker in name:
+                out[f"{adapter}/{name.replace(marker, '.', 1)}"] = param
     return out
 
 
-LoraRuntime = ClientRuntime[LoraHandle]
+LoraRuntime = ClientRuntime[AdapterHandle]
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ class Phase:
 
 
 @dataclass
-class LoraMethod(FederatedMethod[LoraHandle]):
+class LoraMethod(FederatedMethod[AdapterHandle]):
     """A LoRA baseline: FedAvg over the ``shared`` tensors of PEFT adapters (see module doc)."""
 
     name: str
@@ -179,9 +192,13 @@ class LoraMethod(FederatedMethod[LoraHandle]):
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
     # ----------------------------------------------------------------- rules a subclass may change
+    def serving_weights(self, runtime: LoraRuntime) -> dict[str, float]:
+        """The weight of each adapter in the client's model: every adapter at full weight."""
+        return {adapter: 1.0 for adapter in self.adapters}
+
     def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
-        """The client's current model on one split, every adapter at full weight."""
-        with runtime.handle.mixing({adapter: 1.0 for adapter in self.adapters}):
+        """The client's current model on one split, its adapters at their serving weights."""
+        with runtime.handle.mixing(self.serving_weights(runtime)):
             return evaluate_examples(
                 runtime.handle.model,
                 runtime.data.prompter,
@@ -195,21 +212,35 @@ class LoraMethod(FederatedMethod[LoraHandle]):
         """How a saved client model is used at inference (for its JSON)."""
         return "every adapter added at full weight (alpha / r)"
 
-    # ----------------------------------------------------------------- both sides
-    def build(self, cfg: Config) -> tuple[LoraHandle, PreTrainedTokenizerBase]:
-        model, tokenizer = build_base_model(cfg)
-        torch.manual_seed(cfg.seed)  # LoRA init (A Kaiming-uniform, B = 0) from the run seed
+    def attach(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config
+    ) -> AdapterHandle:
+        """The method's adapters on the frozen backbone (here: LoRA, A Kaiming-uniform, B = 0)."""
         config = lora_config(cfg.hmole)
         peft_model = get_peft_model(model, config, adapter_name=self.adapters[0])
         for adapter in self.adapters[1:]:
             peft_model.add_adapter(adapter, config)
-        handle = LoraHandle(peft_model, self.adapters)
+        return LoraHandle(peft_model, self.adapters)
+
+    def adapter_settings(self, cfg: Config) -> dict[str, object]:
+        """The adapter hyper-parameters a saved client model needs to be rebuilt."""
+        return {
+            "lora": cfg.hmole.model_dump(
+                mode="json", include={"rank", "alpha", "dropout", "target_modules"}
+            )
+        }
+
+    # ----------------------------------------------------------------- both sides
+    def build(self, cfg: Config) -> tuple[AdapterHandle, PreTrainedTokenizerBase]:
+        model, tokenizer = build_base_model(cfg)
+        torch.manual_seed(cfg.seed)  # adapter init from the run seed
+        handle = self.attach(model, tokenizer, cfg)
         self.initial = handle.state()
         return handle, tokenizer
 
     def runtime(
         self,
-        handle: LoraHandle,
+        handle: AdapterHandle,
         tokenizer: PreTrainedTokenizerBase,
         cfg: Config,
         data: ClientDataset,
@@ -219,7 +250,9 @@ class LoraMethod(FederatedMethod[LoraHandle]):
         return LoraRuntime(handle, tokenizer, cfg, data, private)
 
     # ----------------------------------------------------------------- server side
-    def init_state(self, cfg: Config, handle: LoraHandle, participants: list[int]) -> ServerState:
+    def init_state(
+        self, cfg: Config, handle: AdapterHandle, participants: list[int]
+    ) -> ServerState:
         store = {k: v for k, v in self.initial.items() if self.shared(k)}
         return ServerState(0, store, cfg.optim.lr, participants)
 
@@ -238,10 +271,8 @@ class LoraMethod(FederatedMethod[LoraHandle]):
         return {
             "base_model": cfg.model.name,
             "adapters": list(self.adapters),
-            "lora": cfg.hmole.model_dump(
-                mode="json", include={"rank", "alpha", "dropout", "target_modules"}
-            ),
-            "keys": "<adapter>/<PEFT state-dict key of that adapter>",
+            **self.adapter_settings(cfg),
+            "keys": "<adapter>/<PEFT parameter name without the adapter name>",
             "inference": self.inference(),
         }
 
