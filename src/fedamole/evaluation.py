@@ -103,13 +103,18 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (new text only).
+    """Continuations of `prompts` (new text only): greedy, or sampled with `temperature` and
+    nucleus `top_p` when `do_sample` (seed torch's generator first for repeatable samples).
 
     Prompts are left-padded so every continuation starts right after its prompt. Generation
     stops at the tokenizer's eos, the token training appends to every response (a model's
     generation_config may name another one).
     """
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     eos_id = tokenizer.eos_token_id
     outputs: list[str] = []
     with _inference(model), _padding_side(tokenizer, "left"):
@@ -118,7 +123,8 @@ def generate(
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=do_sample,
+                **sampling,
                 eos_token_id=eos_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
