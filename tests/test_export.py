@@ -30,7 +30,7 @@ from fedamole.personalised import (
     prompt_text,
     read_prompt_file,
     rebuild,
-    requests,
+    request_examples,
 )
 from fedamole.reporting import RunDirError
 from fedamole.transports.in_process import run_simulation
@@ -71,7 +71,7 @@ def copy_run(runs: dict[str, Path], method: str, where: Path) -> Path:
 
 def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
     """Next-token logits of both prompts, as the client's model sees them (right-padded)."""
-    texts = [prompt_text(ex) for ex in requests(PROMPTS)]
+    texts = [prompt_text(ex) for ex in request_examples(PROMPTS)]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits * batch["attention_mask"][..., None]

