@@ -106,6 +106,8 @@ def test_fedit_export_is_the_runs_adapter_and_loads_with_peft(runs, tmp_path):
     from_run = logits(client.model, client.tokenizer)
     torch.testing.assert_close(logits(peft_model, tokenizer), from_run)
     assert (from_run - reference).abs().max() > 1e-2  # the adapter changes the model
+    loaded = fedamole.load_pretrained(out, device="cpu")  # a PEFT export loads the same way
+    torch.testing.assert_close(logits(loaded.model, loaded.tokenizer), from_run)
 
 
 def test_feddpa_export_has_both_adapters_and_its_readme_recipe_mixes_them(runs, tmp_path):
@@ -115,6 +117,8 @@ def test_feddpa_export_has_both_adapters_and_its_readme_recipe_mixes_them(runs, 
     anchors = json.loads((out / "feddpa.json").read_text())["anchors"]
     assert len(anchors) == 5 and all("### Response:" in a for a in anchors)
     assert "set_scale" in (out / "README.md").read_text()
+    with pytest.raises(ExportError, match="mixed per prompt"):
+        fedamole.load_pretrained(out)
 
     client = fedamole.load_client_model(runs["feddpa"], 0, device="cpu")
     handle = LoraHandle(client.model, (GLOBAL, LOCAL))
