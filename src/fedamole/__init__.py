@@ -1,0 +1,33 @@
+"""fedamole: personalised federated fine-tuning of LLMs with heterogeneous mixtures of LoRA experts.
+
+The models a run produces, ready to answer:
+
+- ``fedamole.load_client_model(run_dir, client_id)``: a client's model from a finished run;
+- ``fedamole.load_pretrained(folder)``: a model exported with ``fedamole export``;
+
+both give a :class:`fedamole.personalised.ClientModel` (``.model``, ``.tokenizer``,
+``.generate(...)``). They load lazily, so ``import fedamole`` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedamole.export import load_pretrained
+    from fedamole.personalised import ClientModel, load_client_model
+
+_LAZY = {
+    "ClientModel": "fedamole.personalised",
+    "load_client_model": "fedamole.personalised",
+    "load_pretrained": "fedamole.export",
+}
+
+__all__ = ["ClientModel", "load_client_model", "load_pretrained"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fedamole' has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name]), name)

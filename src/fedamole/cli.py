@@ -1,4 +1,5 @@
-"""The `fedamole` command line: run a federation, compare methods, ask a client's model."""
+"""The `fedamole` command line: run a federation, compare methods, ask or export a client's
+model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
 from fedamole.config import ConfigError, load_config
 
@@ -123,6 +125,7 @@ def _user_errors() -> Iterator[None]:
     from fedamole.compare import ComparisonError
     from fedamole.data.example import DataError
     from fedamole.device import DeviceError
+    from fedamole.export import ExportError
     from fedamole.reporting import RunDirError
     from fedamole.rsea.solver import InfeasibleAssignmentError
 
@@ -132,6 +135,7 @@ def _user_errors() -> Iterator[None]:
         ConfigError,
         DataError,
         DeviceError,
+        ExportError,
         RunDirError,
         InfeasibleAssignmentError,
         ComparisonError,
@@ -139,32 +143,110 @@ def _user_errors() -> Iterator[None]:
         raise _fail(str(exc)) from None
 
 
+RunOpt = Annotated[Path, typer.Option("--run", help="a finished run directory")]
+ClientOpt = Annotated[int, typer.Option("--client", help="whose personalised model (from 0)")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="where the model runs (cpu, cuda, ...); default: the run's")
+]
+
+
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="the instruction to answer")],
-    run_dir: Annotated[Path, typer.Option("--run", help="a finished run directory")],
-    client: Annotated[int, typer.Option("--client", help="whose personalised model answers")] = 0,
+    run_dir: RunOpt,
+    prompt: Annotated[
+        str | None, typer.Argument(help="the instruction to answer (or give --input-file)")
+    ] = None,
+    client: ClientOpt = 0,
     input_: Annotated[str, typer.Option("--input", help="optional input/context")] = "",
-    max_new_tokens: Annotated[int, typer.Option(help="generation length")] = 64,
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            help='many prompts: *.jsonl = one {"instruction": ..., "input": ...} per line, '
+            "any other file = one instruction per non-empty line"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="write the JSON lines here instead of stdout")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="generation length")] = 64,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample", help="sample instead of greedy decoding")
+    ] = False,
+    temperature: Annotated[float, typer.Option(help="with --do-sample; > 0")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="with --do-sample")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="makes sampled answers repeatable")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together")] = 8,
+    device: DeviceOpt = None,
 ) -> None:
-    """Answer a prompt with one client's personalised model from a FedAMoLE run."""
-    from fedamole.methods import FEDAMOLE_VARIANTS
-    from fedamole.personalised import load_client_model
-    from fedamole.reporting import RunDir, RunDirError
+    """Answer prompts with one client's personalised model (any method); one JSON line each."""
+    import json
+
+    from fedamole.personalised import load_client_model, read_prompt_file
+
+    # No rich log handler here: stdout carries only the answers (warnings go to stderr).
+    if (prompt is None) == (input_file is None):
+        raise typer.BadParameter("give one instruction or --input-file", param_hint="PROMPT")
+    if input_file is not None and input_:
+        raise typer.BadParameter("--input goes with a single instruction", param_hint="--input")
+    if do_sample and temperature <= 0:
+        raise typer.BadParameter(
+            "must be > 0 to sample (greedy: leave out --do-sample)", param_hint="--temperature"
+        )
+    with _user_errors():
+        instructions, inputs = read_prompt_file(input_file) if input_file else ([prompt], [input_])
+        model = load_client_model(run_dir, client, device)
+        answers = model.generate(
+            instructions,
+            inputs,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    lines = [
+        json.dumps({"client": client, "instruction": i, "input": x, "output": a})
+        for i, x, a in zip(instructions, inputs, answers, strict=True)
+    ]
+    if output is None:
+        for line in lines:
+            typer.echo(line)
+    else:
+        output.write_text("".join(line + "\n" for line in lines))
+        console.print(f"{len(lines)} answers written to {output}")
+
+
+@app.command()
+def export(
+    run_dir: RunOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the exported model")],
+    client: ClientOpt = 0,
+    static_lora: Annotated[
+        bool,
+        typer.Option(
+            "--static-lora",
+            help="FedAMoLE: fold the experts into one plain PEFT LoRA (approximate)",
+        ),
+    ] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Export a client's personalised model as a folder that loads without the run: a PEFT
+    adapter (baselines, --static-lora) or a fedamole.load_pretrained folder (FedAMoLE)."""
+    from fedamole.export import export_client
 
     _setup_logging(False)
-    try:
-        method = RunDir(run_dir).method
-        if method not in FEDAMOLE_VARIANTS:
-            raise ConfigError(
-                f"{run_dir} is a {method!r} run; generate answers with FedAMoLE client models. "
-                f"Its client models are clients/<id>/adapter.safetensors (described by "
-                f"adapter.json)"
-            )
-        answer = load_client_model(run_dir, client).answer(prompt, input_, max_new_tokens)
-    except (ConfigError, RunDirError, FileNotFoundError, KeyError) as exc:
-        raise _fail(str(exc)) from None
-    console.print(answer)
+    with _user_errors():
+        result = export_client(run_dir, client, out, static_lora, device)
+    console.print(f"{result.kind} export of client {client} written to {result.folder}/")
+    if result.fidelity is not None:
+        f = result.fidelity
+        table = Table(title="static LoRA vs routed model, client's validation split")
+        for column in ("", f.metric, f"mean |logit diff| ({f.prompts} prompts)"):
+            table.add_column(column, justify="right")
+        table.add_row("routed (FedAMoLE)", f"{f.routed:.4f}", "")
+        table.add_row("static LoRA", f"{f.static:.4f}", f"{f.mean_abs_logit_diff:.4g}")
+        console.print(table)
 
 
 if __name__ == "__main__":

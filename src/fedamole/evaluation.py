@@ -169,14 +169,20 @@ def generate(
     examples: Sequence[Example],
     max_new_tokens: int,
     batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy answers to `examples`' prompts (new text only, stripped).
+    """Answers to `examples`' prompts (new text only, stripped): greedy, or sampled with
+    `temperature` and nucleus `top_p` when `do_sample` (seed torch's generator first for
+    repeatable samples).
 
     Prompts are left-padded so every continuation starts right after its prompt. Generation
     stops at the prompter's stop tokens (the tokens training ends every response with; a
     model's generation_config may name others).
     """
     tokenizer, stop_ids = prompter.tokenizer, list(prompter.stop_token_ids)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     outputs: list[str] = []
     with _inference(model), _padding_side(tokenizer, "left"):
         for batch in _batches(examples, batch_size):
@@ -185,7 +191,8 @@ def generate(
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=do_sample,
+                **sampling,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )

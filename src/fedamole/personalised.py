@@ -1,51 +1,255 @@
-"""Loading a client's personalised model from a finished run, ready to answer prompts."""
+"""A client's personalised model, for every method, ready to answer prompts.
+
+``load_client_model(run_dir, client_id)`` rebuilds the model a finished run saved in
+``clients/<id>/`` (FedAMoLE's experts, or a baseline's PEFT LoRA adapters) as a
+:class:`ClientModel`; :func:`fedamole.export.load_pretrained` gives the same from an exported
+folder. ``fedamole generate`` is the command-line face of :meth:`ClientModel.generate`.
+
+This module is the one place where a request becomes model text (:func:`prompt_text`) and where
+answers are generated (:meth:`ClientModel.generate`).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config, ConfigError
-from fedamole.data.example import Example
+from fedamole.data.example import UNLABELLED, DataError, Example
+from fedamole.data.pipeline import ClientDataset, encode_client, prepare_client_splits
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.evaluation import generate
+from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.hmole import HMoLEAdapter
-from fedamole.methods.fedamole import build_hmole_model
-from fedamole.reporting import ADAPTER_WEIGHTS, CONFIG_FILE, RunDir
+from fedamole.methods import FedAMoLE, FedDPA, LoraMethod, get_method
+from fedamole.methods.feddpa import GLOBAL, LOCAL, local_weights
+from fedamole.methods.lora import LoraHandle
+from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, RunDir, RunDirError
+from fedamole.transports.flower.settings import STATE_DIR
+from fedamole.types import StateDict
+
+# Per example, the context under which the model answers it (FedDPA: its adapter mix).
+Mixing = Callable[[list[Example]], list[AbstractContextManager]]
 
 
-def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / CONFIG_FILE
+def request_examples(
+    instructions: str | Sequence[str], inputs: Sequence[str] | None = None
+) -> list[Example]:
+    """Instructions (and optional inputs/contexts, one per instruction) as examples to answer."""
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    inputs = [""] * len(instructions) if inputs is None else list(inputs)
+    if len(inputs) != len(instructions):
+        raise ValueError(f"got {len(instructions)} instructions but {len(inputs)} inputs")
+    return [
+        Example(instruction=i, input=x, output="", label=UNLABELLED)
+        for i, x in zip(instructions, inputs, strict=True)
+    ]
+
+
+def read_prompt_file(path: Path) -> tuple[list[str], list[str]]:
+    """Instructions and their inputs from a file: ``*.jsonl`` holds one JSON object per line with
+    a string ``instruction`` and optionally ``input``; any other file one instruction per
+    non-empty line (no inputs)."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} not found: --run must point at a fedamole run directory")
-    return RunDir(run_dir).config()
+        raise DataError(f"--input-file {path}: no such file")
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"--input-file {path}: no prompts in it")
+    if path.suffix != ".jsonl":
+        return [line.strip() for _, line in lines], [""] * len(lines)
+    rows = [_prompt_row(path, n, line) for n, line in lines]
+    return [i for i, _ in rows], [x for _, x in rows]
+
+
+def _prompt_row(path: Path, line_no: int, line: str) -> tuple[str, str]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}:{line_no}: not valid JSON ({exc.msg}); a .jsonl file holds one JSON object "
+            "per line (use another extension for plain-text instructions)"
+        ) from None
+    if (
+        not isinstance(row, dict)
+        or not isinstance(row.get("instruction"), str)
+        or not isinstance(row.get("input", ""), str)
+    ):
+        raise DataError(
+            f'{path}:{line_no}: expected an object with a string "instruction" and optionally a '
+            f'string "input", e.g. {{"instruction": "Sort these words", "input": "pear apple"}}'
+        )
+    return row["instruction"], row.get("input", "")
 
 
 @dataclass
-class PersonalisedModel:
-    """One client's model: the frozen backbone with its own experts, ready to answer."""
+class ClientModel:
+    """One client's personalised model: ``model`` is a ``transformers`` model (a ``PeftModel``
+    for the LoRA baselines) in eval mode with the client's adapters in it, ``prompter`` the
+    prompt format it was trained with (and its tokenizer). ``mixing`` (FedDPA only) sets each
+    prompt's adapter weights, which :meth:`generate` applies: FedDPA's ``model`` alone is not its
+    personalised model, every other method's is."""
 
-    adapter: HMoLEAdapter
+    model: nn.Module
     prompter: Prompter
+    name: str
+    mixing: Mixing | None = None
 
-    def answer(self, instruction: str, input_text: str = "", max_new_tokens: int = 64) -> str:
-        example = Example(instruction=instruction, input=input_text, output="", label="")
-        return generate(self.adapter.model, self.prompter, [example], max_new_tokens, 1)[0]
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.prompter.tokenizer
+
+    def generate(
+        self,
+        instructions: str | Sequence[str],
+        inputs: Sequence[str] | None = None,
+        max_new_tokens: int = 64,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """One answer per instruction (with its input, if given): greedy by default, sampled
+        with ``do_sample`` (``seed`` makes the samples repeatable)."""
+        examples = request_examples(instructions, inputs)
+        if seed is not None:
+            torch.manual_seed(seed)
+        options = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+        if self.mixing is None:
+            return generate(
+                self.model, self.prompter, examples, max_new_tokens, batch_size, **options
+            )
+        answers: list[str] = []
+        for example, context in zip(examples, self.mixing(examples), strict=True):
+            with context:
+                answers += generate(
+                    self.model, self.prompter, [example], max_new_tokens, 1, **options
+                )
+        return answers
 
 
-def load_client_model(run_dir: Path, client_id: int) -> PersonalisedModel:
-    """Rebuild a client's personalised model from ``run_dir/clients/<id>/``."""
-    folder = RunDir(run_dir).client_folder(client_id)
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"{folder}/{ADAPTER_WEIGHTS} not found: no finished adapter for client {client_id} "
-            f"in {run_dir} (clients are numbered from 0; the run must have completed)"
+# ---------------------------------------------------------------------------------- saved models
+@dataclass(frozen=True)
+class SavedClient:
+    """A client's personalised model as a finished run saved it, checked before anything loads:
+    the run, the method and the config it ran with, and the JSON that describes the model."""
+
+    run: RunDir
+    client_id: int
+    method: FederatedMethod
+    cfg: Config
+    doc: dict[str, object]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.name} client {self.client_id} of {self.run.path}"
+
+    @property
+    def folder(self) -> Path:
+        return self.run.client_folder(self.client_id)
+
+    def weights(self) -> StateDict:
+        return load_file(str(self.folder / ADAPTER_WEIGHTS))
+
+
+def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) -> SavedClient:
+    """The saved model of ``client_id`` in ``run_dir``; every reason it cannot be loaded is a
+    :class:`RunDirError` naming the run and the client. ``device`` overrides ``model.device``."""
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise RunDirError(f"--run {run.path}: no such directory")
+    method = get_method(run.method)
+    if not run.finished:
+        raise RunDirError(
+            f"run {run.path} is not finished (no summary.json): client models are saved after "
+            f"its last round; finish it with `fedamole run --config {run.path}/config.yaml "
+            f"--method {method.name} --resume --out {run.path}`"
         )
-    cfg = load_run_config(run_dir)
-    adapter, tokenizer = build_hmole_model(cfg)
-    adapter.set_architecture(json.loads((folder / "architecture.json").read_text())["architecture"])
-    adapter.load_state(load_file(str(folder / ADAPTER_WEIGHTS)))
-    return PersonalisedModel(adapter, build_prompter(tokenizer, cfg.data.prompt_format))
+    folder = run.client_folder(client_id)
+    description = folder / method.client_model_file
+    if not description.is_file():
+        saved = sorted(int(p.name) for p in (run.path / CLIENTS).glob("*") if p.name.isdigit())
+        raise RunDirError(
+            f"run {run.path} has no saved model for client {client_id} (saved: "
+            f"{', '.join(map(str, saved)) or 'none'}; a client's model is saved when it takes "
+            "part in the last round)"
+        )
+    if not isinstance(method, FedAMoLE | LoraMethod):
+        raise RunDirError(f"run {run.path}: loading {method.name!r} client models is not supported")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise RunDirError(_kept_on_node(run, client_id, method))
+    cfg = method.configure(run.config())
+    if device is not None:
+        try:
+            cfg.model.device = device
+        except ValidationError:
+            raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
+
+
+def _kept_on_node(run: RunDir, client_id: int, method: FederatedMethod) -> str:
+    return (
+        f"client {client_id} of run {run.path} ({method.name}) kept its model on its own Flower "
+        f"node: it holds tensors that never leave the organisation. On that node it is in "
+        f"<state-dir>/{run.run_id}/client{client_id}/model/ (node config `{STATE_DIR}`, default "
+        f"$FEDAMOLE_CACHE/nodes, i.e. ~/.cache/fedamole/nodes); copy its {ADAPTER_WEIGHTS} into "
+        f"{run.client_folder(client_id)}/ to load it from this run"
+    )
+
+
+def rebuild(saved: SavedClient) -> tuple[ModelHandle, Prompter]:
+    """The method's model with the client's saved weights loaded, in eval mode, and the prompt
+    format it was trained with."""
+    handle, tokenizer = saved.method.build(saved.cfg)
+    weights = saved.weights()
+    if isinstance(handle, HMoLEAdapter):
+        handle.set_architecture(saved.doc["architecture"])
+        handle.load_state(weights)
+    else:
+        handle.load(weights)
+    handle.model.eval()
+    return handle, build_prompter(tokenizer, saved.cfg.data.prompt_format)
+
+
+def client_data(saved: SavedClient, prompter: Prompter) -> ClientDataset:
+    """The client's own splits, rebuilt from the run's data settings (its data must be here)."""
+    splits = prepare_client_splits(saved.cfg)[saved.client_id]
+    return encode_client(saved.client_id, splits, prompter, saved.cfg.model.max_length)
+
+
+def client_runtime(saved: SavedClient, handle: ModelHandle, prompter: Prompter) -> ClientRuntime:
+    """The client as its method sees it (rebuilt data), for rules that need its own examples."""
+    data = client_data(saved, prompter)
+    return saved.method.runtime(handle, prompter.tokenizer, saved.cfg, data)
+
+
+def feddpa_mixing(saved: SavedClient, handle: LoraHandle, prompter: Prompter) -> Mixing:
+    """FedDPA's instance-wise mix: global at 1 - a(x), local at a(x), from the client's anchors."""
+    runtime = client_runtime(saved, handle, prompter)
+
+    def mixing(examples: list[Example]) -> list[AbstractContextManager]:
+        weights = local_weights(runtime, examples).tolist()
+        return [handle.mixing({GLOBAL: 1 - a, LOCAL: a}) for a in weights]
+
+    return mixing
+
+
+def load_client_model(run_dir: Path, client_id: int, device: str | None = None) -> ClientModel:
+    """Rebuild ``client_id``'s personalised model from a finished run (any method); ``device``
+    overrides the run's ``model.device`` (e.g. ``"cpu"``)."""
+    saved = open_saved_client(run_dir, client_id, device)
+    handle, prompter = rebuild(saved)
+    mixing = feddpa_mixing(saved, handle, prompter) if isinstance(saved.method, FedDPA) else None
+    return ClientModel(handle.model, prompter, saved.name, mixing)

