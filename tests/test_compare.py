@@ -75,6 +75,8 @@ def test_compare_two_methods_two_seeds_in_parallel_writes_report_with_intervals(
     report = (out / "report.md").read_text()
     assert "95 % interval" in report and "| local |" in report
     assert ("includes 0" in report) == diff["includes_zero"]
+    assert "RSEA diagnostics" in report and "assignment_change" in report
+    assert set(doc["diagnostics"]) == {"fedamole"}  # local has no server diagnostics
     assert (out / "comparison.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
 
 

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  #
 from fedamole.config import ConfigError, load_config  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
-from fedamole.reporting import CONFIG_FILE, SUMMARY, RunDir  # noqa: E402
+from fedamole.reporting import CONFIG_FILE, SERVER, SUMMARY, RunDir  # noqa: E402
 from fedamole.stats import Estimate, bootstrap_difference, bootstrap_mean  # noqa: E402
 from fedamole.transports.in_process import run_simulation  # noqa: E402
 
@@ -237,6 +237,25 @@ def summarise_comparison(out: Path, methods: Sequence[str], seeds: Sequence[int]
         "reference": reference,
         "methods": per_method,
         "curves": {name: _curve(out, name, seeds, metric) for name in methods},
+        "diagnostics": {
+            name: diagnostics for name in methods if (diagnostics := _diagnostics(out, name, seeds))
+        },
+    }
+
+
+def _diagnostics(out: Path, method: str, seeds: Sequence[int]) -> dict[str, list[float]]:
+    """The server's per-round diagnostics (RSEA's), each averaged over seeds; {} if none."""
+    per_seed = [
+        [r for r in RunDir(run_dir_for(out, method, s)).read_records() if r["split"] == SERVER]
+        for s in seeds
+    ]
+    names = sorted({k for rows in per_seed for r in rows for k in r} - {"round", "split"})
+    return {
+        name: [
+            float(np.mean([rows[k][name] for rows in per_seed if name in rows[k]]))
+            for k in range(min(len(rows) for rows in per_seed))
+        ]
+        for name in names
     }
 
 
@@ -316,6 +335,29 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_diagnostics(result: dict[str, Any]) -> list[str]:
+    """Per method with server diagnostics (FedAMoLE variants), one row per round."""
+    lines: list[str] = []
+    for name, series in result.get("diagnostics", {}).items():
+        columns = list(series)
+        lines += [
+            f"### {name}",
+            "",
+            "| round | " + " | ".join(c.removeprefix("rsea_") for c in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for k in range(len(next(iter(series.values())))):
+            lines.append(f"| {k} | " + " | ".join(f"{series[c][k]:.4f}" for c in columns) + " |")
+        lines.append("")
+    if lines:
+        lines = [
+            "## RSEA diagnostics (mean over seeds, per round; see benchmarks/RESULTS.md)",
+            "",
+            *lines,
+        ]
+    return lines
+
+
 def render_report(result: dict[str, Any]) -> str:
     return "\n".join(
         [
@@ -326,6 +368,7 @@ def render_report(result: dict[str, Any]) -> str:
             "",
             *verdicts(result),
             "",
+            *render_diagnostics(result),
             f"![headline with intervals]({PLOT})",
             "",
             f"![mean test {result['metric']} per round]({CURVES})",
