@@ -13,6 +13,7 @@ ops whatever the number of experts:
 Gates are dense over the E+1 stacked experts (zero outside each token's top-k, 1 for the shared
 expert), made by one scatter into a constant row: no per-expert loop, no host synchronisation.
 The load-balancing loss is computed once per model from the routing the layers record.
+The adapter path is one pure function of tensors, :func:`mixture`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,61 @@ def lora_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -> T
     bound = 1.0 / math.sqrt(tensor.shape[-1])
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
+
+
+@dataclass(frozen=True)
+class MixtureOutput:
+    out: Tensor  # (T, d_out) base output plus the adapter's
+    projected: Tensor  # (T, (E+2) r) A_e x, A_s x, W_tok x without dropout
+    scaled_logits: Tensor  # (T, E) float32 router logits / sqrt(r)
+    top_idx: Tensor  # (T, k) local indices of each token's top-k experts
+
+
+def mixture(
+    x: Tensor,
+    result: Tensor,
+    down: Tensor,
+    up: Tensor,
+    gate_template: Tensor,
+    *,
+    rank: int,
+    top_k: int,
+    scaling: float,
+    dropout: float,
+) -> MixtureOutput:
+    """The adapter on flat tokens x (T, d_in) added to the base output ``result`` (T, d_out).
+
+    ``dropout`` is the probability to apply now (0 in eval mode).
+    """
+    n = gate_template.shape[1] - 1
+    projected = x @ down
+    scaled_logits = router_logits(projected, n, rank)
+    gates, top_idx = top_k_gates(scaled_logits, gate_template, top_k)
+    if dropout > 0:
+        dropped = nn.functional.dropout(x, dropout, training=True) @ down[:, : (n + 1) * rank]
+    else:
+        dropped = projected[:, : (n + 1) * rank]
+    mixed = (dropped.view(-1, n + 1, rank) * gates.to(dropped.dtype).unsqueeze(-1)).view(
+        dropped.shape[0], -1
+    )
+    out = torch.addmm(result.to(mixed.dtype), mixed, up, alpha=scaling).to(result.dtype)
+    return MixtureOutput(out, projected, scaled_logits, top_idx)
+
+
+def router_logits(projected: Tensor, num_experts: int, rank: int) -> Tensor:
+    """<A_e x, W_tok x> / sqrt(r) for every local expert e: (T, E), float32."""
+    per_expert = projected.view(-1, num_experts + 2, rank)
+    keys, _, query = per_expert.split([num_experts, 1, 1], dim=1)
+    # The sum accumulates in float32 even when autocast runs the projections in 16 bits.
+    return (keys * query).sum(-1, dtype=torch.float32) * (1.0 / math.sqrt(rank))
+
+
+def top_k_gates(scaled_logits: Tensor, gate_template: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Dense (T, E+1) gates: the renormalised top-k softmax weights (= the softmax over the
+    top-k logits), zero elsewhere, and the template's 1 for the shared expert in the last column."""
+    top_logits, top_idx = scaled_logits.topk(top_k, dim=-1)
+    template = gate_template.expand(scaled_logits.shape[0], -1)
+    return template.scatter(1, top_idx, top_logits.softmax(-1).to(template.dtype)), top_idx
 
 
 @dataclass
@@ -126,7 +182,7 @@ class HMoLELinear(nn.Module):
         self.context = context
         self.rank, self.top_k, self.scaling = rank, top_k, alpha / rank
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout  # on the experts' input, not on the router's keys and query
         self.expert_ids: list[int] = []
         shared_A = lora_uniform_(torch.empty(rank, self.in_features))
         router = lora_uniform_(torch.empty(rank, self.in_features))
@@ -196,22 +252,20 @@ class HMoLELinear(nn.Module):
             raise RuntimeError(f"{self.name}: no local experts; call set_architecture first")
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        result = self.base(flat)
-        adapter_in = self._adapter_input(flat)
-        projected = adapter_in @ self.down  # (T, (E+2) r): every A_e x, A_s x, W_tok x; no dropout
-        scaled_logits = self._scaled_logits(projected)
-        gates, top_idx = self._gates(scaled_logits)
-        n, r = self.num_experts, self.rank
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            dropped = self.dropout(adapter_in) @ self.down[:, : (n + 1) * r]
-        else:
-            dropped = projected[:, : (n + 1) * r]
-        mixed = (dropped.view(-1, n + 1, r) * gates.to(dropped.dtype).unsqueeze(-1)).view(
-            dropped.shape[0], -1
+        dropout = self.dropout if self.training else 0.0
+        mixed = mixture(
+            self._adapter_input(flat),
+            self.base(flat),
+            self.down,
+            self.up,
+            self.gate_template,
+            rank=self.rank,
+            top_k=self.top_k,
+            scaling=self.scaling,
+            dropout=dropout,
         )
-        out = torch.addmm(result.to(mixed.dtype), mixed, self.up, alpha=self.scaling)
-        self._record(leading, projected, scaled_logits, top_idx)
-        return out.to(result.dtype).view(*leading, self.out_features)
+        self._record(leading, mixed)
+        return mixed.out.view(*leading, self.out_features)
 
     def _adapter_input(self, flat: Tensor) -> Tensor:
         """Under autocast the matmuls cast for themselves (tensor cores on GPU); otherwise the
@@ -220,38 +274,22 @@ class HMoLELinear(nn.Module):
             return flat
         return flat.to(self.down.dtype)
 
-    def _scaled_logits(self, projected: Tensor) -> Tensor:
-        """<A_e x, W_tok x> / sqrt(r) for every local expert e: (T, E)."""
-        n, r = self.num_experts, self.rank
-        per_expert = projected.view(-1, n + 2, r)
-        keys, _, query = per_expert.split([n, 1, 1], dim=1)
-        # The sum accumulates in float32 even when autocast runs the projections in 16 bits.
-        return (keys * query).sum(-1, dtype=torch.float32) * (1.0 / math.sqrt(r))
-
-    def _gates(self, scaled_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense (T, E+1) gates: the renormalised top-k softmax weights (= the softmax over the
-        top-k logits), zero elsewhere, and 1 for the shared expert in the last column."""
-        top_logits, top_idx = scaled_logits.topk(self.top_k, dim=-1)
-        template = self.gate_template.expand(scaled_logits.shape[0], -1)
-        return template.scatter(1, top_idx, top_logits.softmax(-1).to(template.dtype)), top_idx
-
     @torch.no_grad()
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """For inspection: the global ids of each token's top-k experts and their weights."""
         flat = self._adapter_input(x.reshape(-1, self.in_features))
-        gates, top_idx = self._gates(self._scaled_logits(flat @ self.down))
+        logits = router_logits(flat @ self.down, self.num_experts, self.rank)
+        gates, top_idx = top_k_gates(logits, self.gate_template, self.top_k)
         ids = torch.tensor(self.expert_ids, device=top_idx.device)
         return ids[top_idx], gates.gather(1, top_idx)
 
-    def _record(
-        self, leading: torch.Size, projected: Tensor, scaled_logits: Tensor, top_idx: Tensor
-    ) -> None:
+    def _record(self, leading: torch.Size, mixed: MixtureOutput) -> None:
         if self.training and torch.is_grad_enabled():
-            probs = scaled_logits.softmax(-1, dtype=torch.float32)
+            probs = mixed.scaled_logits.softmax(-1)
             mask = self.context.mask_for(leading)
-            self.context.records.append(RoutingRecord(probs, top_idx, mask))
+            self.context.records.append(RoutingRecord(probs, mixed.top_idx, mask))
         if self.context.embeddings is not None:
-            self._accumulate_embeddings(projected, self.context.mask_for(leading))
+            self._accumulate_embeddings(mixed.projected, self.context.mask_for(leading))
 
     @torch.no_grad()
     def _accumulate_embeddings(self, projected: Tensor, mask: Tensor | None) -> None:
@@ -269,7 +307,7 @@ class HMoLELinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, top_k={self.top_k}, "
-            f"scaling={self.scaling:g}, experts={self.expert_ids}"
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}, experts={self.expert_ids}"
         )
 
 
