@@ -37,7 +37,7 @@ def lora_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -> T
 class MixtureOutput:
     out: Tensor  # (T, d_out) base output plus the adapter's
     projected: Tensor  # (T, (E+2) r) A_e x, A_s x, W_tok x without dropout
-    scaled_logits: Tensor  # (T, E) float32 router logits / sqrt(r)
+    scaled_logits: Tensor  # (T, E) router logits / sqrt(r), float32 or wider
     top_idx: Tensor  # (T, k) local indices of each token's top-k experts
 
 
@@ -73,11 +73,12 @@ def mixture(
 
 
 def router_logits(projected: Tensor, num_experts: int, rank: int) -> Tensor:
-    """<A_e x, W_tok x> / sqrt(r) for every local expert e: (T, E), float32."""
+    """<A_e x, W_tok x> / sqrt(r) for every local expert e: (T, E), float32 or wider."""
     per_expert = projected.view(-1, num_experts + 2, rank)
     keys, _, query = per_expert.split([num_experts, 1, 1], dim=1)
-    # The sum accumulates in float32 even when autocast runs the projections in 16 bits.
-    return (keys * query).sum(-1, dtype=torch.float32) * (1.0 / math.sqrt(rank))
+    # At least float32, even when autocast runs the projections in 16 bits.
+    precision = torch.promote_types(projected.dtype, torch.float32)
+    return (keys * query).sum(-1, dtype=precision) * (1.0 / math.sqrt(rank))
 
 
 def top_k_gates(scaled_logits: Tensor, gate_template: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
