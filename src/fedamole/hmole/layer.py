@@ -77,7 +77,7 @@ def router_logits(projected: Tensor, num_experts: int, rank: int) -> Tensor:
     per_expert = projected.view(-1, num_experts + 2, rank)
     keys, _, query = per_expert.split([num_experts, 1, 1], dim=1)
     # At least float32, even when autocast runs the projections in 16 bits.
-    precision = torch.promote_types(projected.dtype, torch.float32)
+    precision = projected.dtype if projected.dtype.itemsize >= 4 else torch.float32
     return (keys * query).sum(-1, dtype=precision) * (1.0 / math.sqrt(rank))
 
 
