@@ -5,7 +5,8 @@ Both methods get the same batch and the training step of the shared loop
 (fedamole.federation.training.train_steps: Adam with the same lr, weight decay and foreach
 default, gradient clipping, lambda_lb for HMoLE's load-balancing loss). Prints
 
-  (a) the median training-step time of each and their ratio (synchronised on CUDA),
+  (a) the median training-step time of each and their ratio (synchronised on CUDA), and the
+      median process CPU time per step as a cross-check on a shared machine,
   (b) the time of greedy generation, 16 prompts x 32 new tokens with the KV cache,
   (c) the aten operations dispatched in one training step (forward, backward, clipping,
       optimizer step), counted exactly with a TorchDispatchMode,
@@ -26,7 +27,6 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import peft
 import torch
@@ -114,15 +114,11 @@ def build_base(name: str, random_weights: bool, dtype: torch.dtype) -> PreTraine
     if not random_weights or name == TINY_MODEL:
         model = load_base_model(name)[0]
     else:
-        config = smollm2_config() if name == DEFAULT_MODEL else _hub_config(name)
+        config = smollm2_config() if name == DEFAULT_MODEL else AutoConfig.from_pretrained(name)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
     model.requires_grad_(False)
     return model.to(dtype)
-
-
-def _hub_config(name: str) -> transformers.PretrainedConfig:
-    return AutoConfig.from_pretrained(Path(name) if Path(name).is_dir() else name)
 
 
 def build_methods(base: PreTrainedModel, hmole: HMoLEConfig, experts: int) -> list[Method]:
@@ -153,7 +149,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_step(method: Method, batch: Batch, optim: OptimConfig) -> None:
-    """One step of fedamole.federation.training.train_steps, with its optimizer settings."""
+    """One step of fedamole.federation.training.train_steps, mirrored line by line (same Adam
+    construction, clipping and auxiliary loss) so the two methods can be interleaved."""
     if method.optimizer is None:
         method.optimizer = torch.optim.Adam(
             method.params, lr=optim.lr, weight_decay=optim.weight_decay
@@ -170,8 +167,7 @@ def train_step(method: Method, batch: Batch, optim: OptimConfig) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """Wall-clock and process CPU time of ``fn``; CPU time is less disturbed by other load on a
-    shared CPU (on CUDA it is only the host's share)."""
+    """Wall-clock and process CPU time of ``fn`` (on CUDA the latter is only the host's share)."""
     synchronize(device)
     start, start_cpu = time.perf_counter(), time.process_time()
     fn()
