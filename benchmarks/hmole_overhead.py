@@ -1,90 +1,361 @@
-"""Training-step overhead of HMoLE over a single PEFT LoRA of the same rank on the same targets.
+"""Cost of HMoLE over a single PEFT LoRA of the same rank on the same targets.
 
-Default model (SmolLM2-135M) on CPU, fp32, batch 4 x 128 tokens, r = 8, q/v targets,
-6 local experts, top-2. Prints the median step time (forward + backward + Adam step) of each and,
-as its last line, `hmole/lora step time ratio: X.XX` (target <= 1.30).
+Default: SmolLM2-135M on CPU, fp32, batch 4 x 128 tokens, r = 8 on q/v, 6 local experts, top-2.
+Both methods get the same batch and the training step of the shared loop
+(fedamole.federation.training.train_steps: Adam with the same lr, weight decay and foreach
+default, gradient clipping, lambda_lb for HMoLE's load-balancing loss). Prints
+
+  (a) the median training-step time of each and their ratio (synchronised on CUDA), and the
+      median process CPU time per step as a cross-check on a shared machine,
+  (b) the time of greedy generation, 16 prompts x 32 new tokens with the KV cache,
+  (c) the aten operations dispatched in one training step (forward, backward, clipping,
+      optimizer step), counted exactly with a TorchDispatchMode,
+  (d) memory: adapter parameters + Adam state, plus the step's own peak (CUDA: the allocator's
+      peak above what was allocated before the step; CPU: the tensors saved for backward,
+      parameters excluded, each storage counted once),
+
+and, as its last line, `hmole/lora step time ratio: X.XX`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+import peft
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from fedamole.config import HMoLEConfig, OptimConfig
 from fedamole.hmole import inject_hmole
-from fedamole.models import load_base_model
+from fedamole.models import DEFAULT_MODEL, TINY_MODEL, load_base_model, model_cache_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 16, 32, 32
+Batch = dict[str, Tensor]
 
 
-def _step_timer(model: torch.nn.Module, params: list[torch.nn.Parameter], batch: dict, extra_loss):
-    optimizer = torch.optim.Adam(params, lr=1e-4)
+@dataclass
+class Method:
+    name: str
+    model: PreTrainedModel
+    params: list[nn.Parameter]
+    aux_loss: Callable[[], Tensor] | None
+    optimizer: torch.optim.Optimizer | None = None
 
-    def step() -> float:
-        start = time.perf_counter()
-        loss = model(**batch).loss + extra_loss()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
-    return step
+# ----------------------------------------------------------------------------- setup
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--mixed-precision", default="no", choices=list(AUTOCAST))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=6, help="local experts per module")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gen-repeats", type=int, default=3, help="timed generations per method")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from its config without loading weights (timing needs none)",
+    )
+    return parser.parse_args()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def smollm2_config() -> LlamaConfig:
+    """The cached model's config when there is one, else SmolLM2-135M's architecture."""
+    cached = sorted(model_cache_dir().glob("SmolLM2-135M*/config.json"))
+    if cached:
+        return AutoConfig.from_pretrained(cached[0].parent)
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def build_base(name: str, random_weights: bool, dtype: torch.dtype) -> PreTrainedModel:
+    if not random_weights or name == TINY_MODEL:
+        model = load_base_model(name)[0]
+    else:
+        config = smollm2_config() if name == DEFAULT_MODEL else AutoConfig.from_pretrained(name)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    return model.to(dtype)
+
+
+def build_methods(base: PreTrainedModel, hmole: HMoLEConfig, experts: int) -> list[Method]:
+    lora_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=hmole.rank,
+            lora_alpha=hmole.alpha,
+            lora_dropout=hmole.dropout,
+            target_modules=hmole.target_modules,
+        ),
+    )
+    adapter = inject_hmole(
+        base, hmole.target_modules, hmole.rank, hmole.alpha, hmole.dropout, hmole.top_k
+    )
+    adapter.set_architecture({m: list(range(experts)) for m in adapter.modules})
+    lora_params = [p for p in lora_model.parameters() if p.requires_grad]
+    return [
+        Method("hmole", base, adapter.trainable_parameters(), adapter.load_balancing_loss),
+        Method("lora", lora_model, lora_params, None),
+    ]
+
+
+# ----------------------------------------------------------------------------- measurements
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(method: Method, batch: Batch, optim: OptimConfig) -> None:
+    """One step of fedamole.federation.training.train_steps, mirrored line by line (same Adam
+    construction, clipping and auxiliary loss) so the two methods can be interleaved."""
+    if method.optimizer is None:
+        method.optimizer = torch.optim.Adam(
+            method.params, lr=optim.lr, weight_decay=optim.weight_decay
+        )
+    method.model.train()
+    lm_loss = method.model(**batch).loss
+    loss = lm_loss + optim.lb_weight * method.aux_loss() if method.aux_loss else lm_loss
+    loss.backward()
+    if optim.grad_clip is not None:
+        nn.utils.clip_grad_norm_(method.params, optim.grad_clip)
+    method.optimizer.step()
+    method.optimizer.zero_grad(set_to_none=True)
+    lm_loss.item()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU time of ``fn`` (on CUDA the latter is only the host's share)."""
+    synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op that reaches the dispatcher; views separately (no kernel on GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.views += bool(func.is_view)
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Callable[[], None]) -> OpCounter:
+    with OpCounter() as counter:
+        step()
+    return counter
+
+
+@contextlib.contextmanager
+def saved_activation_bytes(params: set[int]) -> Iterator[list[int]]:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in seen and key not in params and storage.nbytes() > 0:
+            seen.add(key)
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
+
+
+def step_memory(method: Method, step: Callable[[], None], device: torch.device) -> int:
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    params = {p.untyped_storage().data_ptr() for p in method.model.parameters()}
+    with saved_activation_bytes(params) as total:
+        step()
+    return total[0]
+
+
+def adapter_state_bytes(method: Method) -> int:
+    """Trainable parameters plus the Adam state held for them."""
+    state_bytes = sum(
+        t.nbytes
+        for state in method.optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, Tensor)
+    )
+    return sum(p.nbytes for p in method.params) + state_bytes
+
+
+def generation_prompts(vocab: int, device: torch.device) -> Batch:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (PROMPTS, PROMPT_TOKENS), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def generate(method: Method, prompts: Batch) -> Tensor:
+    method.model.eval()
+    with torch.no_grad():
+        return method.model.generate(
+            **prompts,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,  # no early stop: both produce every token
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+
+
+# ----------------------------------------------------------------------------- report
+def describe_machine(device: torch.device) -> str:
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
+    return (
+        f"machine: {platform.platform()}; {device} ({where}); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}"
+    )
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per method")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--experts", type=int, default=6)
-    args = parser.parse_args()
+    args = parse_args()
+    device = resolve_device(args.device)
+    autocast_dtype = AUTOCAST[args.mixed_precision]
+    hmole, optim = HMoLEConfig(), OptimConfig()
+    base = build_base(args.model, args.random_weights, DTYPES[args.dtype]).to(device)
+    methods = build_methods(base, hmole, args.experts)
 
     torch.manual_seed(0)
-    base, _ = load_base_model(args.model)
-    lora_model = get_peft_model(
-        copy.deepcopy(base),
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
-    )
-    adapter = inject_hmole(base, ["q_proj", "v_proj"], rank=8, alpha=16, dropout=0.05, top_k=2)
-    adapter.set_architecture({m: list(range(args.experts)) for m in adapter.modules})
-    for model in (base, lora_model):
-        model.train()
-
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq))
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq)).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    lora_params = [p for p in lora_model.parameters() if p.requires_grad]
-    timers = {
-        "hmole": _step_timer(
-            base, adapter.trainable_parameters(), batch, adapter.load_balancing_loss
-        ),
-        "lora": _step_timer(lora_model, lora_params, batch, lambda: 0.0),
-    }
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    for i in range(args.warmup + args.steps):  # interleave so drift hits both alike
-        for name, step in timers.items():
-            elapsed = step()
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    prompts = generation_prompts(base.config.vocab_size, device)
 
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def step_of(method: Method) -> Callable[[], None]:
+        def step() -> None:
+            with autocast():
+                train_step(method, batch, optim)
+
+        return step
+
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    cpu_times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for i in range(args.warmup + args.steps):  # interleaved, so drift hits both alike
+        for method in methods:
+            elapsed, cpu = timed(step_of(method), device)
+            if i >= args.warmup:
+                times[method.name].append(elapsed)
+                cpu_times[method.name].append(cpu)
+    ops = {m.name: count_ops(step_of(m)) for m in methods}
+    memory = {m.name: (adapter_state_bytes(m), step_memory(m, step_of(m), device)) for m in methods}
+
+    gen_times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for i in range(1 + args.gen_repeats):  # the first run of each warms up
+        for method in methods:
+            with autocast():
+                elapsed, _ = timed(lambda m=method: generate(m, prompts), device)
+            if i > 0:
+                gen_times[method.name].append(elapsed)
+
+    print(describe_machine(device))
     print(
-        f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}"
-    )
-    print(
-        f"settings: model={args.model} fp32 batch={args.batch}x{args.seq} r=8 targets=q_proj,v_proj "
-        f"experts={args.experts} top_k=2 steps={args.steps} (+{args.warmup} warm-up)"
+        f"settings: model={args.model}{' (random weights)' if args.random_weights else ''} "
+        f"dtype={args.dtype} mixed-precision={args.mixed_precision} "
+        f"batch={args.batch}x{args.seq} r={hmole.rank} targets={','.join(hmole.target_modules)} "
+        f"experts={args.experts} top_k={hmole.top_k} dropout={hmole.dropout} "
+        f"Adam lr={optim.lr} grad_clip={optim.grad_clip} steps={args.steps} (+{args.warmup} warm-up)"
     )
     medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, median in medians.items():
+    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
+    gen_medians = {name: statistics.median(t) for name, t in gen_times.items()}
+    for name in times:
+        t, c = times[name], ops[name]
+        params_bytes, step_bytes = memory[name]
         print(
-            f"{name:>5}: median step {median * 1000:.0f} ms "
-            f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f})"
+            f"{name:>5}: step median {medians[name] * 1000:.0f} ms "
+            f"(min {min(t) * 1000:.0f}, max {max(t) * 1000:.0f}; "
+            f"process CPU time {cpu_medians[name] * 1000:.0f}); "
+            f"generation {gen_medians[name]:.2f} s; "
+            f"aten ops/step {c.total} ({c.total - c.views} non-view); "
+            f"memory: params+Adam {mib(params_bytes)}, step peak {mib(step_bytes)}"
         )
+    memory_kind = (
+        "CUDA allocator peak above the memory allocated before the step"
+        if device.type == "cuda"
+        else "tensors saved for backward (activations), parameters excluded"
+    )
+    print(f"step peak memory = {memory_kind}")
+    h, lo = ops["hmole"], ops["lora"]
+    print(
+        f"hmole/lora aten ops per step ratio: {h.total / lo.total:.2f} "
+        f"(non-view: {(h.total - h.views) / (lo.total - lo.views):.2f})"
+    )
+    hm, lm = memory["hmole"], memory["lora"]
+    print(f"hmole/lora memory ratio (params+Adam+step peak): {sum(hm) / sum(lm):.2f}")
+    print(
+        f"hmole/lora step process-CPU-time ratio: {cpu_medians['hmole'] / cpu_medians['lora']:.2f}"
+    )
+    print(f"hmole/lora generation time ratio: {gen_medians['hmole'] / gen_medians['lora']:.2f}")
     print(f"hmole/lora step time ratio: {medians['hmole'] / medians['lora']:.2f}")
 
 

@@ -33,7 +33,7 @@ def test_embeddings_are_means_over_non_padding_tokens(tiny_model):
     keep = batch["attention_mask"].bool()
     for name, layer in adapter.layers.items():
         x = inputs[name][0][keep]  # (tokens, d_in), padding removed
-        torch.testing.assert_close(emb.data[name], (x @ layer.router.weight.T).mean(0))
+        torch.testing.assert_close(emb.data[name], (x @ layer.router_weight.T).mean(0))
         assert sorted(emb.experts[name]) == layer.expert_ids
         for i, e in enumerate(layer.expert_ids):
             torch.testing.assert_close(emb.experts[name][e], (x @ layer.expert_A[i].T).mean(0))

@@ -63,9 +63,7 @@ def train_steps(
 ) -> float:
     """Run ``steps`` Adam steps on ``params``; returns the mean language-modelling loss."""
     device = model_device(model)
-    optimizer = torch.optim.Adam(
-        params, lr=lr, eps=optim.adam_eps, weight_decay=optim.weight_decay
-    )
+    optimizer = torch.optim.Adam(params, lr=lr, eps=optim.adam_eps, weight_decay=optim.weight_decay)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(device.type, enabled=optim.mixed_precision == "fp16")
     model.train()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedamole.hmole.keys import expert_key, parse_key, router_key, shared_key, state_keys
+from fedamole.hmole.keys import expert_key, router_key, shared_key, state_keys
 from fedamole.hmole.layer import EmbeddingSums, HMoLELinear, RoutingContext, lora_uniform_
 from fedamole.types import Architecture, StateDict
 
@@ -67,7 +67,8 @@ class HMoLEAdapter:
         return {name: list(layer.expert_ids) for name, layer in self.layers.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in _adapter_params(layer)]
+        """Two stacked tensors per module (experts, shared expert and router together)."""
+        return [p for layer in self.layers.values() for p in (layer.down, layer.up)]
 
     # ----------------------------------------------------------------- architecture and state
     def set_architecture(self, architecture: Architecture) -> None:
@@ -83,39 +84,38 @@ class HMoLEAdapter:
             self.layers[name].set_experts(ids)
 
     def state(self) -> StateDict:
-        """The client's trainable state (local experts, shared expert, router) as detached copies."""
+        """The client's trainable state (local experts, shared expert, router) as detached float32
+        CPU copies: the server's store, aggregation and checkpoints stay off the accelerator."""
         out: StateDict = {}
         for name, layer in self.layers.items():
-            for i, e in enumerate(layer.expert_ids):
-                out[expert_key(name, e, "A")] = layer.expert_A[i].detach().clone()
-                out[expert_key(name, e, "B")] = layer.expert_B[i].detach().clone()
-            out[shared_key(name, "A")] = layer.shared_A.detach().clone()
-            out[shared_key(name, "B")] = layer.shared_B.detach().clone()
-            out[router_key(name)] = layer.router.weight.detach().clone()
+            a_keys, b_keys = _stacked_keys(name, layer.expert_ids)
+            down = layer.down.detach().to("cpu", torch.float32)
+            up = layer.up.detach().to("cpu", torch.float32)
+            blocks = {k: a.t() for k, a in zip(a_keys, down.split(layer.rank, 1), strict=True)}
+            blocks |= {k: b.t() for k, b in zip(b_keys, up.split(layer.rank), strict=True)}
+            for key in state_keys({name: layer.expert_ids}):
+                out[key] = blocks[key].clone(memory_format=torch.contiguous_format)
         return out
 
     @torch.no_grad()
     def load_state(self, state: StateDict) -> None:
-        """Load every tensor the current architecture needs; all must be present with the right shape."""
-        needed = set(self.state_keys())
-        missing = needed - set(state)
+        """Load every tensor the current architecture needs (from any device or dtype); all must
+        be present with the right shape."""
+        missing = set(self.state_keys()) - set(state)
         if missing:
             raise KeyError(f"state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        for key in needed:
-            self._tensor_for(key).copy_(state[key])
+        for name, layer in self.layers.items():
+            a_keys, b_keys = _stacked_keys(name, layer.expert_ids)
+            a_shape, b_shape = (layer.rank, layer.in_features), (layer.out_features, layer.rank)
+            layer.down.copy_(
+                torch.cat([_checked(state, key, a_shape, layer.down) for key in a_keys]).t()
+            )
+            layer.up.copy_(
+                torch.cat([_checked(state, key, b_shape, layer.up) for key in b_keys], 1).t()
+            )
 
     def state_keys(self) -> list[str]:
         return state_keys(self.architecture)
-
-    def _tensor_for(self, key: str) -> Tensor:
-        info = parse_key(key)
-        layer = self.layers[info.module]
-        if info.kind == "router":
-            return layer.router.weight
-        if info.kind == "shared":
-            return layer.shared_A if info.part == "A" else layer.shared_B
-        row = layer.expert_ids.index(info.expert)
-        return (layer.expert_A if info.part == "A" else layer.expert_B)[row]
 
     def init_global_state(self, num_experts: int, seed: int) -> StateDict:
         """Fresh server-side state for all N_e experts of every module (SPEC 2 init): A and the
@@ -135,8 +135,7 @@ class HMoLEAdapter:
     # ----------------------------------------------------------------- losses and embeddings
     def load_balancing_loss(self) -> Tensor:
         """Sum over modules of the last training forward's L_lb (0 if none was recorded)."""
-        losses = self.context.lb_losses
-        return torch.stack(losses).sum() if losses else torch.zeros(())
+        return self.context.load_balancing_loss()
 
     @contextmanager
     def collecting_embeddings(self) -> Iterator[dict[str, EmbeddingSums]]:
@@ -148,14 +147,28 @@ class HMoLEAdapter:
             self.context.embeddings = None
 
 
-def _adapter_params(layer: HMoLELinear) -> list[nn.Parameter]:
-    return [layer.expert_A, layer.expert_B, layer.shared_A, layer.shared_B, layer.router.weight]
+def _stacked_keys(module: str, expert_ids: list[int]) -> tuple[list[str], list[str]]:
+    """State keys of the column blocks of ``down`` (A^T) and the row blocks of ``up`` (B^T), in
+    the layer's stacking order: local experts, shared expert (and, in ``down``, the router)."""
+    a_keys = [expert_key(module, e, "A") for e in expert_ids]
+    a_keys += [shared_key(module, "A"), router_key(module)]
+    b_keys = [expert_key(module, e, "B") for e in expert_ids] + [shared_key(module, "B")]
+    return a_keys, b_keys
+
+
+def _checked(state: StateDict, key: str, shape: tuple[int, int], like: Tensor) -> Tensor:
+    tensor = state[key]
+    if tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"state tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}: "
+            f"it was saved with another rank or base model"
+        )
+    return tensor.to(device=like.device, dtype=like.dtype)
 
 
 def _capture_token_mask(context: RoutingContext):
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        context.token_mask = kwargs.get("attention_mask")
-        context.lb_losses.clear()
+        context.start_forward(kwargs.get("attention_mask"))
 
     return hook
 

@@ -1,8 +1,19 @@
 """The HMoLE layer (SPEC 2): a frozen base Linear plus a shared LoRA expert, the client's local
 domain experts and a token-level router whose keys are the experts' own A projections.
 
-All local experts are stacked, so the forward pass is a handful of batched matmuls whatever the
-number of experts: no per-expert Python loop and no host synchronisation.
+A training step is bound by the number of small operations, not by arithmetic, so each module
+holds its whole adapter in two stacked, transposed parameters and runs it in a fixed handful of
+ops whatever the number of experts:
+
+- ``down`` (d_in x (E+2) r) = [A_1 .. A_E, A_s, W_tok]^T: one matmul gives every expert's
+  projection, every routing key and the query.
+- ``up`` ((E+1) r x d_out) = [B_1 .. B_E, B_s]^T: one fused ``addmm`` adds the gated mixture to
+  the base output.
+
+Gates are dense over the E+1 stacked experts (zero outside each token's top-k, 1 for the shared
+expert), made by one scatter into a constant row: no per-expert loop, no host synchronisation.
+The load-balancing loss is computed once per model from the routing the layers record.
+The adapter path is one pure function of tensors, :func:`mixture`.
 """
 
 from __future__ import annotations
@@ -22,6 +33,62 @@ def lora_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -> T
         return tensor.uniform_(-bound, bound, generator=generator)
 
 
+@dataclass(frozen=True)
+class MixtureOutput:
+    out: Tensor  # (T, d_out) base output plus the adapter's
+    projected: Tensor  # (T, (E+2) r) A_e x, A_s x, W_tok x without dropout
+    scaled_logits: Tensor  # (T, E) router logits / sqrt(r), float32 or wider
+    top_idx: Tensor  # (T, k) local indices of each token's top-k experts
+
+
+def mixture(
+    x: Tensor,
+    result: Tensor,
+    down: Tensor,
+    up: Tensor,
+    gate_template: Tensor,
+    *,
+    rank: int,
+    top_k: int,
+    scaling: float,
+    dropout: float,
+) -> MixtureOutput:
+    """The adapter on flat tokens x (T, d_in) added to the base output ``result`` (T, d_out).
+
+    ``dropout`` is the probability to apply now (0 in eval mode).
+    """
+    n = gate_template.shape[1] - 1
+    projected = x @ down
+    scaled_logits = router_logits(projected, n, rank)
+    gates, top_idx = top_k_gates(scaled_logits, gate_template, top_k)
+    if dropout > 0:
+        dropped = nn.functional.dropout(x, dropout, training=True) @ down[:, : (n + 1) * rank]
+    else:
+        dropped = projected[:, : (n + 1) * rank]
+    mixed = (dropped.view(-1, n + 1, rank) * gates.to(dropped.dtype).unsqueeze(-1)).view(
+        dropped.shape[0], -1
+    )
+    out = torch.addmm(result.to(mixed.dtype), mixed, up, alpha=scaling).to(result.dtype)
+    return MixtureOutput(out, projected, scaled_logits, top_idx)
+
+
+def router_logits(projected: Tensor, num_experts: int, rank: int) -> Tensor:
+    """<A_e x, W_tok x> / sqrt(r) for every local expert e: (T, E), float32 or wider."""
+    per_expert = projected.view(-1, num_experts + 2, rank)
+    keys, _, query = per_expert.split([num_experts, 1, 1], dim=1)
+    # At least float32, even when autocast runs the projections in 16 bits.
+    precision = projected.dtype if projected.dtype.itemsize >= 4 else torch.float32
+    return (keys * query).sum(-1, dtype=precision) * (1.0 / math.sqrt(rank))
+
+
+def top_k_gates(scaled_logits: Tensor, gate_template: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Dense (T, E+1) gates: the renormalised top-k softmax weights (= the softmax over the
+    top-k logits), zero elsewhere, and the template's 1 for the shared expert in the last column."""
+    top_logits, top_idx = scaled_logits.topk(top_k, dim=-1)
+    template = gate_template.expand(scaled_logits.shape[0], -1)
+    return template.scatter(1, top_idx, top_logits.softmax(-1).to(template.dtype)), top_idx
+
+
 @dataclass
 class EmbeddingSums:
     """Running sums over non-padding tokens for the RSEA embeddings of one module."""
@@ -32,26 +99,64 @@ class EmbeddingSums:
 
 
 @dataclass
+class RoutingRecord:
+    """One module's routing in a training forward, kept for the load-balancing loss."""
+
+    probs: Tensor  # (T, E) softmax over the local experts
+    top_idx: Tensor  # (T, k) local indices of each token's top-k experts
+    mask: Tensor | None  # (T,) float, 1 for tokens that count; None when all count
+
+
+@dataclass
 class RoutingContext:
     """State shared by every HMoLE layer of one model for the current forward pass.
 
     The model's forward pre-hook stores the batch's token mask here so each layer can leave
-    padding out of the load-balancing loss and the embeddings; layers leave their losses here.
+    padding out of the load-balancing loss and the embeddings; layers leave their routing here.
     """
 
     token_mask: Tensor | None = None
-    lb_losses: list[Tensor] = field(default_factory=list)
+    records: list[RoutingRecord] = field(default_factory=list)
     embeddings: dict[str, EmbeddingSums] | None = None
+    _flat_masks: dict[torch.Size, Tensor | None] = field(default_factory=dict)
+
+    def start_forward(self, token_mask: Tensor | None) -> None:
+        """Called by the model's forward pre-hook: a new batch, no routing recorded yet."""
+        self.token_mask = token_mask
+        self.records.clear()
+        self._flat_masks.clear()
 
     def mask_for(self, leading_shape: torch.Size) -> Tensor | None:
-        """Flat bool mask matching a layer input's leading dims (the last columns during cached
-        decoding), or None when every token counts."""
+        """Flat float mask (1 = token counts) matching a layer input's leading dims (the last
+        columns during cached decoding), or None when every token counts. Computed once per
+        forward and shape, as every layer of the pass asks for the same one."""
+        if leading_shape not in self._flat_masks:
+            self._flat_masks[leading_shape] = self._flat_mask(leading_shape)
+        return self._flat_masks[leading_shape]
+
+    def _flat_mask(self, leading_shape: torch.Size) -> Tensor | None:
         mask = self.token_mask
         if mask is None or mask.dim() != 2 or len(leading_shape) != 2:
             return None
         if mask.shape[1] != leading_shape[1]:
             mask = mask[:, -leading_shape[1] :]
-        return mask.reshape(-1).bool()
+        return mask.reshape(-1).float()
+
+    def load_balancing_loss(self) -> Tensor:
+        """Sum over the recorded modules of L_lb, batched over modules with the same shapes."""
+        groups: dict[tuple[int, ...], list[RoutingRecord]] = {}
+        for record in self.records:  # masks are cached per input shape: same object, same tokens
+            key = (*record.probs.shape, id(record.mask))
+            groups.setdefault(key, []).append(record)
+        losses = [
+            load_balancing_loss(
+                torch.stack([r.probs for r in group]),
+                torch.stack([r.top_idx for r in group]),
+                group[0].mask,
+            )
+            for group in groups.values()
+        ]
+        return sum(losses[1:], losses[0]) if losses else torch.zeros(())
 
 
 class HMoLELinear(nn.Module):
@@ -78,17 +183,49 @@ class HMoLELinear(nn.Module):
         self.context = context
         self.rank, self.top_k, self.scaling = rank, top_k, alpha / rank
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shared_A = nn.Parameter(lora_uniform_(torch.empty(rank, self.in_features)))
-        self.shared_B = nn.Parameter(torch.zeros(self.out_features, rank))
-        self.router = nn.Linear(self.in_features, rank, bias=False)
+        self.dropout = dropout  # on the experts' input, not on the router's keys and query
         self.expert_ids: list[int] = []
-        self.expert_A = nn.Parameter(torch.empty(0, rank, self.in_features))
-        self.expert_B = nn.Parameter(torch.empty(0, self.out_features, rank))
+        shared_A = lora_uniform_(torch.empty(rank, self.in_features))
+        router = lora_uniform_(torch.empty(rank, self.in_features))
+        self.down = nn.Parameter(torch.cat([shared_A, router]).t().contiguous())
+        self.up = nn.Parameter(torch.zeros(rank, self.out_features))
+        self.register_buffer("gate_template", torch.ones(1, 1), persistent=False)
+
+    # ----------------------------------------------------------------- views of the stacks
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+    @property
+    def expert_A(self) -> Tensor:
+        """(E, r, d_in) view of the local experts' A."""
+        n, r = self.num_experts, self.rank
+        return self.down[:, : n * r].t().view(n, r, self.in_features)
+
+    @property
+    def shared_A(self) -> Tensor:
+        n, r = self.num_experts, self.rank
+        return self.down[:, n * r : (n + 1) * r].t()
+
+    @property
+    def router_weight(self) -> Tensor:
+        """W_tok (r, d_in)."""
+        return self.down[:, (self.num_experts + 1) * self.rank :].t()
+
+    @property
+    def expert_B(self) -> Tensor:
+        """(E, d_out, r) view of the local experts' B."""
+        n, r = self.num_experts, self.rank
+        return self.up[: n * r].view(n, r, self.out_features).transpose(1, 2)
+
+    @property
+    def shared_B(self) -> Tensor:
+        return self.up[self.num_experts * self.rank :].t()
 
     # ----------------------------------------------------------------- architecture
     def set_experts(self, expert_ids: list[int]) -> None:
-        """Give this module a new local expert set (freshly initialised; load weights after)."""
+        """Give this module a new local expert set (freshly initialised; load weights after).
+        The shared expert and the router keep their values."""
         ids = sorted(int(e) for e in expert_ids)
         if len(set(ids)) != len(ids):
             raise ValueError(f"{self.name}: duplicate expert ids in {ids}")
@@ -97,92 +234,81 @@ class HMoLELinear(nn.Module):
                 f"{self.name}: top-k routing needs at least hmole.top_k={self.top_k} local experts, "
                 f"got {len(ids)}; lower hmole.top_k or raise rsea.min_experts"
             )
-        device = self.shared_A.device
+        old = self.num_experts * self.rank
+        down, up = self.down.detach(), self.up.detach()
+        # Initialised on the CPU, so a given seed gives the same experts on every device.
+        fresh_A = lora_uniform_(torch.empty(len(ids) * self.rank, self.in_features)).to(down)
         self.expert_ids = ids
-        self.expert_A = nn.Parameter(
-            lora_uniform_(torch.empty(len(ids), self.rank, self.in_features, device=device))
+        self.down = nn.Parameter(torch.cat([fresh_A.t(), down[:, old:]], dim=1))
+        self.up = nn.Parameter(
+            torch.cat([up.new_zeros(len(ids) * self.rank, up.shape[1]), up[old:]])
         )
-        self.expert_B = nn.Parameter(
-            torch.zeros(len(ids), self.out_features, self.rank, device=device)
-        )
+        template = down.new_zeros(1, len(ids) + 1)
+        template[0, -1] = 1.0  # the shared expert always has weight 1
+        self.gate_template = template
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base(x)
-        n_experts = len(self.expert_ids)
-        if n_experts == 0:
+        if not self.expert_ids:
             raise RuntimeError(f"{self.name}: no local experts; call set_architecture first")
-        r = self.rank
-        flat = x.reshape(-1, self.in_features).to(self.shared_A.dtype)
-        stacked_A = torch.cat([self.shared_A.unsqueeze(0), self.expert_A]).reshape(
-            -1, self.in_features
+        leading = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        dropout = self.dropout if self.training else 0.0
+        mixed = mixture(
+            self._adapter_input(flat),
+            self.base(flat),
+            self.down,
+            self.up,
+            self.gate_template,
+            rank=self.rank,
+            top_k=self.top_k,
+            scaling=self.scaling,
+            dropout=dropout,
         )
-        projected = self.dropout(flat) @ stacked_A.T  # (T, (E+1) r): A_s drop(x), A_e drop(x)
-        keys = self._keys(flat, projected)  # (T, E, r), no dropout
-        query = self.router(flat)  # (T, r)
-        probs, top_idx, top_w = self._route(keys, query)
-        gates = torch.zeros_like(probs).scatter(-1, top_idx, top_w)
-        gates = torch.cat([gates.new_ones(gates.shape[0], 1), gates], dim=-1)  # shared weight 1
-        mixed = (projected.view(-1, n_experts + 1, r) * gates.unsqueeze(-1)).reshape(
-            flat.shape[0], -1
-        )
-        stacked_B = torch.cat([self.shared_B.unsqueeze(0), self.expert_B]).transpose(1, 2)
-        update = (mixed @ stacked_B.reshape(-1, self.out_features)) * self.scaling
-        self._record(x.shape[:-1], probs, top_idx, keys, query)
-        return result + update.view(*x.shape[:-1], self.out_features).to(result.dtype)
+        self._record(leading, mixed)
+        return mixed.out.view(*leading, self.out_features)
 
-    def _route(self, keys: Tensor, query: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Softmax over local experts of <A_e x, W_tok x>/sqrt(r); top-k, renormalised."""
-        probs = (torch.einsum("ter,tr->te", keys, query) / math.sqrt(self.rank)).softmax(dim=-1)
-        top_p, top_idx = probs.topk(self.top_k, dim=-1)
-        return probs, top_idx, top_p / top_p.sum(-1, keepdim=True)
+    def _adapter_input(self, flat: Tensor) -> Tensor:
+        """Under autocast the matmuls cast for themselves (tensor cores on GPU); otherwise the
+        adapter runs in its master dtype and the result is cast back at the boundary."""
+        if torch.is_autocast_enabled(flat.device.type):
+            return flat
+        return flat.to(self.down.dtype)
 
     @torch.no_grad()
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """For inspection: the global ids of each token's top-k experts and their weights."""
-        flat = x.reshape(-1, self.in_features).to(self.shared_A.dtype)
-        keys = (flat @ self.expert_A.reshape(-1, self.in_features).T).view(
-            -1, len(self.expert_ids), self.rank
-        )
-        _, top_idx, top_w = self._route(keys, self.router(flat))
+        flat = self._adapter_input(x.reshape(-1, self.in_features))
+        logits = router_logits(flat @ self.down, self.num_experts, self.rank)
+        gates, top_idx = top_k_gates(logits, self.gate_template, self.top_k)
         ids = torch.tensor(self.expert_ids, device=top_idx.device)
-        return ids[top_idx], top_w
+        return ids[top_idx], gates.gather(1, top_idx)
 
-    def _keys(self, flat: Tensor, projected: Tensor) -> Tensor:
-        """key_e = A_e x without dropout; reuses the projection when dropout is inactive."""
-        n_experts = len(self.expert_ids)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            return projected[:, self.rank :].view(-1, n_experts, self.rank)
-        return (flat @ self.expert_A.reshape(-1, self.in_features).T).view(-1, n_experts, self.rank)
-
-    def _record(
-        self, leading: torch.Size, probs: Tensor, top_idx: Tensor, keys: Tensor, query: Tensor
-    ) -> None:
-        mask = self.context.mask_for(leading)
+    def _record(self, leading: torch.Size, mixed: MixtureOutput) -> None:
         if self.training and torch.is_grad_enabled():
-            self.context.lb_losses.append(load_balancing_loss(probs, top_idx, mask))
+            probs = mixed.scaled_logits.softmax(-1)
+            mask = self.context.mask_for(leading)
+            self.context.records.append(RoutingRecord(probs, mixed.top_idx, mask))
         if self.context.embeddings is not None:
-            self._accumulate_embeddings(keys, query, mask)
+            self._accumulate_embeddings(mixed.projected, self.context.mask_for(leading))
 
     @torch.no_grad()
-    def _accumulate_embeddings(self, keys: Tensor, query: Tensor, mask: Tensor | None) -> None:
-        if mask is not None:
-            keys, query = keys[mask], query[mask]
-        sums = self.context.embeddings.get(self.name)
-        if sums is None:
-            sums = EmbeddingSums(
-                query.new_zeros(self.rank, dtype=torch.float64),
-                keys.new_zeros(keys.shape[1:], dtype=torch.float64),
-            )
-            self.context.embeddings[self.name] = sums
-        sums.data += query.double().sum(0)
-        sums.experts += keys.double().sum(0)
-        sums.tokens += query.shape[0]
+    def _accumulate_embeddings(self, projected: Tensor, mask: Tensor | None) -> None:
+        per_expert = projected.view(-1, self.num_experts + 2, self.rank).double()
+        weights = per_expert.new_ones(per_expert.shape[0]) if mask is None else mask.double()
+        totals = torch.einsum("t,ter->er", weights, per_expert)  # experts, shared, router
+        data, experts = totals[-1], totals[: self.num_experts]
+        sums = self.context.embeddings.setdefault(
+            self.name, EmbeddingSums(torch.zeros_like(data), torch.zeros_like(experts))
+        )
+        sums.data += data
+        sums.experts += experts
+        sums.tokens += int(weights.sum().item())
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, top_k={self.top_k}, "
-            f"scaling={self.scaling:g}, experts={self.expert_ids}"
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}, experts={self.expert_ids}"
         )
 
 
@@ -190,13 +316,15 @@ def load_balancing_loss(probs: Tensor, top_idx: Tensor, mask: Tensor | None = No
     """Switch-style L_lb = E * sum_e P_e f_e over non-padding tokens (SPEC 2).
 
     P_e: mean router probability of expert e; f_e: share of the top-k slots that went to e.
+    ``probs`` (..., T, E) and ``top_idx`` (..., T, k) may stack several modules (summed);
+    ``mask`` (T,) marks the tokens that count (bool or 0/1).
     """
-    n_experts = probs.shape[-1]
-    slots = torch.zeros_like(probs).scatter(-1, top_idx, 1.0)
-    if mask is not None:
-        probs, slots = probs[mask], slots[mask]
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
-    mean_prob = probs.mean(0)
-    slot_share = slots.sum(0) / slots.sum()
-    return n_experts * (mean_prob * slot_share).sum()
+    n_experts, k = probs.shape[-1], top_idx.shape[-1]
+    slots = torch.zeros_like(probs).scatter_(-1, top_idx, 1.0)
+    # mean_prob = prob_sums / n and slot_share = slot_counts / (k n); 0 when no token counts.
+    if mask is None:
+        scale = n_experts / (k * max(probs.shape[-2], 1) ** 2)
+        return (probs.sum(-2) * slots.sum(-2)).sum() * scale
+    weights = mask.to(probs.dtype)
+    tokens = weights.sum().clamp_min(1.0)
+    return ((weights @ probs) * (weights @ slots)).sum() * n_experts / (k * tokens.square())
