@@ -37,11 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from fedamole.config import HMoLEConfig, OptimConfig
+from fedamole.device import AUTOCAST_DTYPES, DTYPES, DeviceError, autocast, resolve_device
 from fedamole.hmole import inject_hmole
 from fedamole.models import DEFAULT_MODEL, TINY_MODEL, load_base_model, model_cache_dir
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 16, 32, 32
 Batch = dict[str, Tensor]
 
@@ -61,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--mixed-precision", default="no", choices=list(AUTOCAST))
+    parser.add_argument("--mixed-precision", default="no", choices=["no", *AUTOCAST_DTYPES])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--experts", type=int, default=6, help="local experts per module")
@@ -74,17 +73,6 @@ def parse_args() -> argparse.Namespace:
         help="build the model from its config without loading weights (timing needs none)",
     )
     return parser.parse_args()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def smollm2_config() -> LlamaConfig:
@@ -275,8 +263,10 @@ def mib(n: int) -> str:
 
 def main() -> None:
     args = parse_args()
-    device = resolve_device(args.device)
-    autocast_dtype = AUTOCAST[args.mixed_precision]
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as err:
+        raise SystemExit(str(err).replace("model.device", "--device")) from None
     hmole, optim = HMoLEConfig(), OptimConfig()
     base = build_base(args.model, args.random_weights, DTYPES[args.dtype]).to(device)
     methods = build_methods(base, hmole, args.experts)
@@ -286,14 +276,9 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     prompts = generation_prompts(base.config.vocab_size, device)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
     def step_of(method: Method) -> Callable[[], None]:
         def step() -> None:
-            with autocast():
+            with autocast(device, args.mixed_precision):
                 train_step(method, batch, optim)
 
         return step
@@ -312,7 +297,7 @@ def main() -> None:
     gen_times: dict[str, list[float]] = {m.name: [] for m in methods}
     for i in range(1 + args.gen_repeats):  # the first run of each warms up
         for method in methods:
-            with autocast():
+            with autocast(device, args.mixed_precision):
                 elapsed, _ = timed(lambda m=method: generate(m, prompts), device)
             if i > 0:
                 gen_times[method.name].append(elapsed)
