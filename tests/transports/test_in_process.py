@@ -69,6 +69,7 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
         assert len(experts) == 2 * sum(len(ids) for ids in arch.values())
     assert (out / "plots" / "metric_per_round.png").stat().st_size > 0
     assert (out / "plots" / "experts_heatmap.png").stat().st_size > 0
+    assert (out / "plots" / "rsea_diagnostics.png").stat().st_size > 0
 
 
 def test_killed_run_resumes_to_the_same_summary(tmp_path):
