@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedamole.rsea.diagnostics import holder_preference
 from fedamole.rsea.scoring import assign_from_embeddings, expert_preferences
 from fedamole.types import ClientEmbeddings
 
@@ -113,3 +114,14 @@ def test_assignment_follows_clear_preferences() -> None:
         max_experts=1,
     )
     assert archs == [{"q": [0]}, {"q": [1]}]
+
+
+def test_holder_preference_is_one_when_holders_are_the_favourites_and_zero_at_chance():
+    clients = [0, 1, 2, 3]
+    holders = {0: {"m": [0]}, 1: {"m": [0, 1]}, 2: {"m": [1]}, 3: {"m": []}}
+    favourites = np.array([[[0.4, 0.4, 0.1, 0.1], [0.1, 0.4, 0.4, 0.1]]])
+    assert holder_preference(favourites, ["m"], clients, holders) == pytest.approx(1.0)
+    away = np.array([[[0.1, 0.1, 0.4, 0.4], [0.4, 0.1, 0.1, 0.4]]])
+    assert holder_preference(away, ["m"], clients, holders) == pytest.approx(-1.0)
+    chance = np.array([[[0.3, 0.2, 0.3, 0.2], [0.3, 0.2, 0.3, 0.2]]])  # holders avg = others avg
+    assert holder_preference(chance, ["m"], clients, holders) == pytest.approx(0.0)

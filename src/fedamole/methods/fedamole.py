@@ -9,6 +9,7 @@ personalised model, compute the RSEA embeddings (optionally noised, SPEC 5) and 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ from fedamole.federation.training import (
 )
 from fedamole.hmole import HMoLEAdapter, inject_hmole
 from fedamole.hmole.keys import router_key, state_keys
-from fedamole.rsea.diagnostics import assignment_diagnostics, score_diagnostics
+from fedamole.rsea.diagnostics import (
+    assignment_diagnostics,
+    holder_preference,
+    score_diagnostics,
+)
 from fedamole.rsea.embeddings import compute_embeddings
 from fedamole.rsea.privacy import embedding_norms, noise_generator, privatize_embeddings
 from fedamole.rsea.scoring import expert_preferences
@@ -202,6 +207,9 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
                 cfg, modules, next_participants, embeddings, rank
             )
             diagnostics |= score_diagnostics(scores)
+            preference = holder_preference(scores, modules, next_participants, state.architectures)
+            if not math.isnan(preference):
+                diagnostics["rsea_holder_preference"] = preference
         diagnostics |= assignment_diagnostics(
             state.architectures, architectures, client_groups(cfg.data, cfg.federation.num_clients)
         )

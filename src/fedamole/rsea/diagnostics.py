@@ -33,6 +33,28 @@ def score_diagnostics(scores: np.ndarray) -> dict[str, float]:
     }
 
 
+def holder_preference(
+    scores: np.ndarray,
+    modules: Sequence[str],
+    clients: Sequence[int],
+    holders: Mapping[int, Architecture],
+) -> float:
+    """How much each expert prefers the clients that held (and trained) it this round over the
+    other clients, scaled by the spread of its row of P and averaged over experts: 1 = its holders
+    are its favourites, 0 = no more than any other client (nothing keeps an expert with the
+    clients that trained it, so the next assignment can move it anywhere), < 0 = it moves away."""
+    column = {client: i for i, client in enumerate(clients)}
+    gaps = []
+    for m, module in enumerate(modules):
+        for e, row in enumerate(scores[m]):
+            held = [column[c] for c, a in holders.items() if c in column and e in a.get(module, [])]
+            others = np.setdiff1d(np.arange(len(clients)), held)
+            spread = row.max() - row.min()
+            if held and others.size and spread > 0:
+                gaps.append((row[held].mean() - row[others].mean()) / spread)
+    return float(np.mean(gaps)) if gaps else math.nan
+
+
 def _slots(arch: Architecture) -> set[tuple[str, int]]:
     return {(module, e) for module, experts in arch.items() for e in experts}
 
