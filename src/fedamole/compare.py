@@ -32,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
@@ -405,6 +406,7 @@ def plot_curves(path: Path, result: dict[str, Any]) -> None:
         style = "-" if name in FEDAMOLE_VARIANTS else "--"
         ax.plot(range(len(curve)), curve, style, marker="o", label=name)
     ax.set(xlabel="round", ylabel=f"mean test {result['metric']}", title="per-round test metric")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
@@ -386,6 +387,7 @@ def plot_metric_per_round(path: Path, records: list[Record]) -> None:
                 label=f"client {cid}",
             )
         ax.set(title=f"{split} {metric}", xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(metric)
     axes[1].legend(fontsize="small")
     fig.tight_layout()
@@ -425,6 +427,7 @@ def plot_diagnostics(path: Path, server: list[Record]) -> None:
         ax.plot([r["round"] for r in rows], [r[name] for r in rows], marker="o")
         ax.set_title(name.removeprefix("rsea_"), fontsize="small")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
