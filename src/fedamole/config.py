@@ -177,8 +177,9 @@ class PrivacyConfig(_Section):
         gt=0,
         description=(
             "bound each embedding is clipped to before noise; the guarantee is eta-metric DP "
-            "over vectors at most 2 * clip_norm apart, so calibrate it to the emb_norm_max a "
-            "non-private run logs (SmolLM2-135M at round 0: median 0.37, max 0.74)"
+            "over vectors at most 2 * clip_norm apart, so calibrate it to the emb_norm_median "
+            "and emb_norm_max a non-private run logs (SmolLM2-135M: round 0 median 0.37, max "
+            "0.74; after 8 steps median 0.44-0.52, max 1.0-1.1, 9-19 % of vectors clipped)"
         ),
     )
     seed: int | None = Field(
