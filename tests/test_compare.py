@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import TINY_RUN
 from typer.testing import CliRunner
 
 import fedamole.compare
@@ -16,19 +17,7 @@ from fedamole.cli import app
 from fedamole.config import load_config
 from fedamole.reporting import RunDir, RunDirError
 
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.max_length=512",
-    "data.synthetic_per_task=10",
-    "data.min_client_size=8",
-    "federation.num_clients=2",
-    "federation.rounds=1",
-    "federation.local_steps=1",
-    "federation.batch_size=2",
-    "hmole.num_experts=4",
-    "eval.max_new_tokens=3",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN, "federation.local_steps=1"]
 
 
 def _compare(out, *extra: str, methods: str = "local,fedamole") -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import TINY_RUN
 from typer.testing import CliRunner
 
 from fedamole.cli import app
@@ -18,18 +19,7 @@ from fedamole.federation.method import build_base_model
 from fedamole.models import load_base_model
 from fedamole.transports.in_process import run_simulation
 
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.max_length=512",
-    "data.synthetic_per_task=10",
-    "data.min_client_size=8",
-    "federation.num_clients=2",
-    "federation.rounds=1",
-    "federation.local_steps=2",
-    "federation.batch_size=2",
-    "hmole.num_experts=4",
-    "eval.max_new_tokens=2",
-]
+TINY = [*TINY_RUN, "eval.max_new_tokens=2"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 
 

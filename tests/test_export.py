@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from tiny_run import TINY_RUN
 from typer.testing import CliRunner
 
 import fedamole
@@ -36,21 +37,7 @@ from fedamole.reporting import RunDirError
 from fedamole.transports.in_process import run_simulation
 
 # One round; a large learning rate so that two steps move the adapters visibly.
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.device=cpu",
-    "model.max_length=512",
-    "data.synthetic_per_task=10",
-    "data.min_client_size=8",
-    "federation.num_clients=3",
-    "federation.rounds=1",
-    "federation.local_steps=2",
-    "federation.batch_size=2",
-    "hmole.num_experts=4",
-    "optim.lr=0.02",
-    "eval.max_new_tokens=3",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN, "model.device=cpu", "federation.num_clients=3", "optim.lr=0.02"]
 PROMPTS = ["What is 12 plus 30?", "Sort these words: pear apple fig"]
 
 

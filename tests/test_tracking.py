@@ -9,6 +9,7 @@ import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY_RUN
 
 from fedamole.config import Config, ConfigError, OutputConfig, load_config
 from fedamole.reporting import metric_records
@@ -174,14 +175,9 @@ def test_a_tiny_run_with_tensorboard_logs_its_metrics_jsonl(tmp_path):
     """The in-process run's own records reach TensorBoard: per client, mean and server."""
     out = tmp_path / "run"
     settings = [
-        "model.name=tiny-random-llama",
-        "model.max_length=512",
-        "data.synthetic_per_task=10",
-        "data.min_client_size=8",
-        "federation.num_clients=2",
+        *TINY_RUN,
         "federation.rounds=2",
         "federation.local_steps=1",
-        "hmole.num_experts=4",
         "eval.max_new_tokens=2",
         "output.tracker=tensorboard",
         f"output.dir={out}",

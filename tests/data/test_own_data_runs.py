@@ -9,21 +9,13 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 from rich.console import Console
+from tiny_run import TINY_RUN
 
 from fedamole.config import load_config
 from fedamole.data.example import DataError
 from fedamole.transports.in_process import run_simulation
 
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.max_length=512",
-    "data.min_client_size=8",
-    "federation.num_clients=2",
-    "federation.rounds=1",
-    "federation.local_steps=1",
-    "hmole.num_experts=4",
-    "eval.max_new_tokens=2",
-]
+TINY = [*TINY_RUN, "federation.local_steps=1", "eval.max_new_tokens=2"]
 TOPICS = ("cooking", "travel")
 
 

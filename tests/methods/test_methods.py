@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_run import TINY_RUN
 
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
@@ -17,18 +18,7 @@ from fedamole.methods import get_method
 from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, local_weights
 from fedamole.types import ClientUpdate, Metrics, payload_nbytes, update_nbytes
 
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.max_length=512",
-    "data.synthetic_per_task=10",
-    "data.min_client_size=8",
-    "federation.num_clients=3",
-    "federation.local_steps=2",
-    "federation.batch_size=2",
-    "hmole.num_experts=6",
-    "eval.max_new_tokens=3",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN, "federation.num_clients=3", "federation.rounds=3", "hmole.num_experts=6"]
 
 
 @dataclass

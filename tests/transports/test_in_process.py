@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tiny_run import TINY_RUN
 
 from fedamole.config import ConfigError, load_config
 from fedamole.data.example import DataError
@@ -20,19 +21,7 @@ from fedamole.reporting import RunDir, RunDirError
 from fedamole.rsea.solver import InfeasibleAssignmentError
 from fedamole.transports.in_process import run_simulation
 
-TINY = [
-    "model.name=tiny-random-llama",
-    "model.max_length=512",
-    "data.synthetic_per_task=10",
-    "data.min_client_size=8",
-    "federation.num_clients=3",
-    "federation.rounds=2",
-    "federation.local_steps=2",
-    "federation.batch_size=2",
-    "hmole.num_experts=4",
-    "eval.max_new_tokens=3",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN, "federation.num_clients=3", "federation.rounds=2"]
 
 
 def tiny_config(out: Path, *extra: str):

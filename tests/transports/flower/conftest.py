@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+import yaml
+from tiny_run import TINY_RUN
+
+from fedamole.config import apply_overrides
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 CONNECTION = "test"
-TINY_YAML = """\
-model: {name: tiny-random-llama, max_length: 512}
-data: {synthetic_per_task: 10, min_client_size: 8}
-federation: {num_clients: 3, rounds: 2, local_steps: 2, batch_size: 2}
-hmole: {num_experts: 4}
-eval: {max_new_tokens: 3, batch_size: 16}
-"""  # the TINY settings of tests/runners/test_simulation.py
+TINY_YAML = yaml.safe_dump(  # the tiny run of tests/transports/test_in_process.py
+    apply_overrides({}, [*TINY_RUN, "federation.num_clients=3", "federation.rounds=2"])
+)
 
 
 def free_port() -> int:
