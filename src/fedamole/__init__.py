@@ -5,7 +5,7 @@ The models a run produces, ready to answer:
 - ``fedamole.load_client_model(run_dir, client_id)``: a client's model from a finished run;
 - ``fedamole.load_pretrained(folder)``: a model exported with ``fedamole export``;
 
-both give a :class:`fedamole.personalised.ClientModel` (``.model``, ``.tokenizer``,
+both give a :class:`fedamole.serving.ClientModel` (``.model``, ``.tokenizer``,
 ``.generate(...)``). They load lazily, so ``import fedamole`` stays light.
 """
 
@@ -15,13 +15,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedamole.export import load_pretrained
-    from fedamole.personalised import ClientModel, load_client_model
+    from fedamole.serving.export import load_pretrained
+    from fedamole.serving.personalised import ClientModel, load_client_model
 
 _LAZY = {
-    "ClientModel": "fedamole.personalised",
-    "load_client_model": "fedamole.personalised",
-    "load_pretrained": "fedamole.export",
+    "ClientModel": "fedamole.serving.personalised",
+    "load_client_model": "fedamole.serving.personalised",
+    "load_pretrained": "fedamole.serving.export",
 }
 
 __all__ = ["ClientModel", "load_client_model", "load_pretrained"]

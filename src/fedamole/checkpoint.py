@@ -6,15 +6,13 @@ so a run killed at any moment resumes from its last complete round."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fedamole.federation.state import ServerState
-from fedamole.types import Architecture, ClientEmbeddings, StateDict
+from fedamole.files import atomic_save_tensors
+from fedamole.types import Architecture, ClientEmbeddings, ServerState, StateDict
 
 STORE, EMBEDDINGS, PRIVATE = "store/", "emb/", "private/"
 
@@ -27,26 +25,19 @@ class Checkpoint:
 
 
 def _embedding_tensors(embeddings: dict[int, ClientEmbeddings]) -> StateDict:
-    out = {}
-    for cid, emb in embeddings.items():
-        for module, vec in emb.data.items():
-            out[f"{cid}/data/{module}"] = vec
-        for module, experts in emb.experts.items():
-            for e, vec in experts.items():
-                out[f"{cid}/expert{e}/{module}"] = vec
-    return out
+    return {
+        f"{cid}/{key}": vec
+        for cid, emb in embeddings.items()
+        for key, vec in emb.to_tensors().items()
+    }
 
 
 def _embeddings_from(tensors: StateDict) -> dict[int, ClientEmbeddings]:
-    out: dict[int, ClientEmbeddings] = {}
+    by_client: dict[int, StateDict] = {}
     for key, vec in tensors.items():
-        cid, kind, module = key.split("/", 2)
-        emb = out.setdefault(int(cid), ClientEmbeddings(data={}, experts={}))
-        if kind == "data":
-            emb.data[module] = vec
-        else:
-            emb.experts.setdefault(module, {})[int(kind.removeprefix("expert"))] = vec
-    return out
+        cid, name = key.split("/", 1)
+        by_client.setdefault(int(cid), {})[name] = vec
+    return {cid: ClientEmbeddings.from_tensors(t) for cid, t in by_client.items()}
 
 
 def _private_tensors(client_states: dict[int, StateDict]) -> StateDict:
@@ -78,9 +69,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "architectures": json.dumps({str(c): a for c, a in state.architectures.items()}),
         "wall_time_s": repr(checkpoint.wall_time_s),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
-    os.replace(tmp, path)
+    atomic_save_tensors(path, tensors, metadata)
 
 
 def _with_prefix(tensors: StateDict, prefix: str) -> StateDict:

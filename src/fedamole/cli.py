@@ -125,9 +125,9 @@ def _user_errors() -> Iterator[None]:
     from fedamole.compare import ComparisonError
     from fedamole.data.example import DataError
     from fedamole.device import DeviceError
-    from fedamole.export import ExportError
     from fedamole.reporting import RunDirError
     from fedamole.rsea.solver import InfeasibleAssignmentError
+    from fedamole.serving.export import ExportError
 
     try:
         yield
@@ -181,7 +181,7 @@ def generate(
     """Answer prompts with one client's personalised model (any method); one JSON line each."""
     import json
 
-    from fedamole.personalised import load_client_model, read_prompt_file
+    from fedamole.serving.personalised import load_client_model, read_prompt_file
 
     # No rich log handler here: stdout carries only the answers (warnings go to stderr).
     if (prompt is None) == (input_file is None):
@@ -233,7 +233,7 @@ def export(
 ) -> None:
     """Export a client's personalised model as a folder that loads without the run: a PEFT
     adapter (baselines, --static-lora) or a fedamole.load_pretrained folder (FedAMoLE)."""
-    from fedamole.export import export_client
+    from fedamole.serving.export import export_client
 
     _setup_logging(False)
     with _user_errors():

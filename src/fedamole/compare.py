@@ -37,8 +37,9 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
 from fedamole.config import ConfigError, load_config  # noqa: E402
+from fedamole.federation.setup import checked  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
-from fedamole.methods import FEDAMOLE_VARIANTS, METHODS, get_method  # noqa: E402
+from fedamole.methods import FEDAMOLE_VARIANTS, METHODS  # noqa: E402
 from fedamole.reporting import CONFIG_FILE, SERVER, SUMMARY, RunDir  # noqa: E402
 from fedamole.stats import Estimate, bootstrap_difference, bootstrap_mean  # noqa: E402
 from fedamole.transports.in_process import run_simulation  # noqa: E402
@@ -103,10 +104,10 @@ def compare(
 ) -> dict[str, Any]:
     """Run every (method, seed) not finished yet, then write the comparison; returns it."""
     console = console or Console()
-    for name in methods:
-        get_method(name)  # unknown names fail before any run starts
-    for seed in seeds:  # every config is valid before any run starts
-        load_config(config, [*overrides, f"seed={seed}"])
+    for seed in seeds:  # every method and config is checked before any run starts
+        cfg = load_config(config, [*overrides, f"seed={seed}"])
+        for name in methods:
+            checked(cfg, name)
     pending = [Job(name, seed, out) for seed in seeds for name in methods]
     pending = [job for job in pending if not (job.run_dir / SUMMARY).is_file()]
     if jobs > 1:

@@ -25,10 +25,10 @@ from fedamole.config import EvalConfig
 from fedamole.data.example import DataError, Example
 from fedamole.data.prompts import Prompter
 from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_labelled
+from fedamole.types import ACCURACY, EXACT_MATCH, NUM_EXAMPLES, ROUGE_L, split_metric
 
 log = logging.getLogger("fedamole.evaluation")
 
-ACCURACY, ROUGE_L, EXACT_MATCH = "accuracy", "rougeL", "exact_match"
 _TRAILING_PUNCTUATION = ".,;:!?"
 # Scripts written without spaces between words (Han, Hiragana, Katakana): one token a character.
 _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -83,6 +83,11 @@ def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) ->
     ]
 
 
+def split_metric_names(classification: bool) -> tuple[str, ...]:
+    """The per-example metrics of a split: accuracy for classification, else ROUGE-L and EM."""
+    return (ACCURACY,) if classification else (ROUGE_L, EXACT_MATCH)
+
+
 @dataclass(frozen=True)
 class SplitScores:
     """One evaluation split's scores, one value per metric and kept example.
@@ -97,7 +102,7 @@ class SplitScores:
     example_indices: list[int]
 
     def __post_init__(self) -> None:
-        expected = {ACCURACY} if self.classification else {ROUGE_L, EXACT_MATCH}
+        expected = set(split_metric_names(self.classification))
         if set(self.values) != expected:
             raise ValueError(f"expected the metrics {sorted(expected)}, got {sorted(self.values)}")
         if any(len(v) != len(self.example_indices) for v in self.values.values()):
@@ -115,13 +120,13 @@ class SplitScores:
     def means(self) -> dict[str, float]:
         """{"num_examples", then each metric's mean}, as rounds report them."""
         means = {name: float(np.mean(values)) for name, values in self.values.items()}
-        return {"num_examples": float(self.num_examples), **means}
+        return {NUM_EXAMPLES: float(self.num_examples), **means}
 
 
 def split_metrics(scores: Mapping[str, SplitScores]) -> dict[str, float]:
     """Means of several splits as flat ``<split>_<metric>`` keys, e.g. ``val_rougeL``."""
     return {
-        f"{split}_{name}": value
+        split_metric(split, name): value
         for split, split_scores in scores.items()
         for name, value in split_scores.means().items()
     }

@@ -32,11 +32,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
 from fedamole.config import Config, load_config  # noqa: E402
-from fedamole.files import atomic_write_text  # noqa: E402
+from fedamole.files import atomic_save_tensors, atomic_write_text  # noqa: E402
 from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
 from fedamole.types import (  # noqa: E402
     SPLIT_METRICS,
@@ -44,6 +43,8 @@ from fedamole.types import (  # noqa: E402
     ExampleScores,
     Metrics,
     StateDict,
+    of_split,
+    primary_metric,
 )
 
 CONFIG_FILE = "config.yaml"
@@ -56,7 +57,6 @@ ASSIGNMENTS = "assignments"
 CLIENTS = "clients"
 PLOTS = "plots"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-PRIMARY = ("accuracy", "rougeL")
 SPLITS = ("val", "test")
 SERVER = "server"  # the split of the per-round server record (diagnostics)
 
@@ -223,9 +223,7 @@ class RunDir:
         folder = self.client_folder(client_id)
         folder.mkdir(parents=True, exist_ok=True)
         if weights is not None:
-            tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-            tmp.replace(folder / ADAPTER_WEIGHTS)
+            atomic_save_tensors(folder / ADAPTER_WEIGHTS, weights)
         atomic_write_text(folder / json_name, json.dumps(doc, indent=1))
         return folder
 
@@ -256,11 +254,6 @@ def _before(records: list[Record], round_idx: int | None) -> list[Record]:
 
 
 # ---------------------------------------------------------------------------------- records
-def primary_name(metrics: Mapping[str, Any]) -> str:
-    """The metric model selection and summaries use: accuracy for classification, else ROUGE-L."""
-    return next(m for m in PRIMARY if m in metrics)
-
-
 def metric_records(
     round_idx: int, client_id: int, metrics: Metrics, bytes_up: int, bytes_down: int
 ) -> list[Record]:
@@ -272,11 +265,7 @@ def metric_records(
             "round": round_idx,
             "client": client_id,
             "split": split,
-            **{
-                k.removeprefix(f"{split}_"): v
-                for k, v in metrics.items()
-                if k.startswith(f"{split}_")
-            },
+            **of_split(metrics, split),
             "train_loss": metrics.get("train_loss"),
             **own,
             "bytes_up": bytes_up,
@@ -295,8 +284,7 @@ def example_score_rows(round_idx: int, client_id: int, scores: ExampleScores) ->
     """One row per split with each metric's per-example values."""
     rows = []
     for split in SPLITS:
-        prefix = f"{split}_"
-        values = {k.removeprefix(prefix): v for k, v in scores.items() if k.startswith(prefix)}
+        values = of_split(scores, split)
         if values:
             rows.append({"round": round_idx, "client": client_id, "split": split, **values})
     return rows
@@ -320,7 +308,7 @@ def summarise(records: list[Record], wall_time_s: float) -> dict[str, Any]:
     by_client: dict[int, dict[int, dict[str, Record]]] = {}
     for r in evaluated:
         by_client.setdefault(r["client"], {}).setdefault(r["round"], {})[r["split"]] = r
-    metric = primary_name(evaluated[0])
+    metric = primary_metric(evaluated[0])
     per_client: dict[str, Any] = {}
     for cid, rounds in sorted(by_client.items()):
         best = _latest_best({k: v["val"][metric] for k, v in rounds.items()})
@@ -372,7 +360,7 @@ def _layer_of(module: str) -> int:
 def plot_metric_per_round(path: Path, records: list[Record]) -> None:
     """Every client's primary metric per round, validation and test side by side."""
     evaluated = [r for r in records if r["split"] in SPLITS]
-    metric = primary_name(evaluated[0])
+    metric = primary_metric(evaluated[0])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, split in zip(axes, SPLITS, strict=True):
         for cid in sorted({r["client"] for r in evaluated}):

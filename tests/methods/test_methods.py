@@ -12,11 +12,10 @@ from tiny_run import TINY_RUN
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
 from fedamole.data.prompts import build_prompter
-from fedamole.federation.method import ClientRuntime, FederatedMethod
-from fedamole.federation.state import ServerState
+from fedamole.federation.method import ClientRuntime, FederatedMethod, score_split
 from fedamole.methods import get_method
 from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, local_weights
-from fedamole.types import ClientUpdate, Metrics, payload_nbytes, update_nbytes
+from fedamole.types import ClientUpdate, Metrics, ServerState, payload_nbytes, update_nbytes
 
 TINY = [*TINY_RUN, "federation.num_clients=3", "federation.rounds=3", "hmole.num_experts=6"]
 
@@ -111,7 +110,7 @@ def test_local_never_communicates_and_each_client_depends_only_on_its_own_data()
     fed = federation("local")
     for _ in range(2):
         fed.play()
-    assert fed.traffic == 0 and not fed.method.communicates and fed.state.store == {}
+    assert fed.traffic == 0 and fed.state.store == {}
     together = fed.clients[0].private
 
     alone = federation("local")  # same client 0, the other clients never train
@@ -140,7 +139,7 @@ def test_feddpa_keeps_the_local_adapter_out_of_aggregation():
     metrics = fed.evaluate(0)
     test = fed.clients[0].data.splits.test
     assert metrics["test_num_examples"] == len(test)
-    scores = fed.method.evaluate_split(fed.clients[0], test)  # per example, in the split's order
+    scores = score_split(fed.method, fed.clients[0], test)  # per example, in the split order
     assert scores.example_indices == list(range(len(test)))
     assert {k: len(v) for k, v in scores.values.items()} == {
         "rougeL": len(test),

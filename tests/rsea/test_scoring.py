@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedamole.rsea.diagnostics import holder_preference
-from fedamole.rsea.scoring import assign_from_embeddings, expert_preferences
+from fedamole.rsea.scoring import expert_preferences
+from fedamole.rsea.solver import architectures_from_assignment, solve_assignments
 from fedamole.types import ClientEmbeddings
 
 
@@ -103,16 +104,9 @@ def test_assignment_follows_clear_preferences() -> None:
         0: _emb({"q": [10.0, 0.0]}, {"q": {0: [10.0, 0.0], 1: [0.0, 10.0]}}),
         1: _emb({"q": [0.0, 10.0]}, {"q": {0: [10.0, 0.0], 1: [0.0, 10.0]}}),
     }
-    archs = assign_from_embeddings(
-        embeddings,
-        ["q"],
-        num_experts=2,
-        num_clients=2,
-        rank=2,
-        clients_per_expert=1,
-        min_experts=1,
-        max_experts=1,
-    )
+    prefs = expert_preferences(embeddings, ["q"], num_experts=2, num_clients=2, rank=2)
+    assignment = solve_assignments(prefs, clients_per_expert=1, min_experts=1, max_experts=1)
+    archs = architectures_from_assignment(assignment, ["q"])
     assert archs == [{"q": [0]}, {"q": [1]}]
 
 

@@ -20,10 +20,14 @@ from fedamole.rsea.solver import (
     check_feasibility,
     homogeneous_bounds,
     random_assignment,
-    solve_assignment,
     solve_assignments,
     validate_assignment,
 )
+
+
+def solve_one(scores: np.ndarray, k_c: int, k_min: int, m_max: int) -> np.ndarray:
+    """The solver on one module: scores (N_e, N_c) -> bool X (N_e, N_c)."""
+    return solve_assignments(np.asarray(scores)[None], k_c, k_min, m_max)[0]
 
 
 def _brute_force(scores: np.ndarray, k_c: int, k_min: int, m_max: int) -> float:
@@ -83,7 +87,7 @@ def instances(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int]:
 @given(instances())
 def test_objective_is_optimal(instance: tuple[np.ndarray, int, int, int]) -> None:
     scores, k_c, k_min, m_max = instance
-    x = solve_assignment(scores, k_c, k_min, m_max)
+    x = solve_one(scores, k_c, k_min, m_max)
     assert x.dtype == bool and x.shape == scores.shape
     validate_assignment(x, k_c, k_min, m_max)
     assert (scores * x).sum() == pytest.approx(_optimum(scores, k_c, k_min, m_max), abs=1e-9)
@@ -103,7 +107,7 @@ def test_column_generation_from_a_poor_start_is_optimal(
         return np.broadcast_to(poor, batch.shape).copy()
 
     with patch.object(solver, "_candidates", poor_start):
-        x = solve_assignment(scores, k_c, k_min, m_max)
+        x = solve_one(scores, k_c, k_min, m_max)
     validate_assignment(x, k_c, k_min, m_max)
     assert (scores * x).sum() == pytest.approx(_optimum(scores, k_c, k_min, m_max), abs=1e-9)
 
@@ -129,7 +133,7 @@ def test_modules_are_solved_independently() -> None:
     scores = rng.random((5, 6, 4))
     batch = solve_assignments(scores, 2, 2, 4)
     for module in range(5):
-        single = solve_assignment(scores[module], 2, 2, 4)
+        single = solve_one(scores[module], 2, 2, 4)
         assert (scores[module] * batch[module]).sum() == pytest.approx(
             (scores[module] * single).sum(), abs=1e-12
         )
@@ -137,14 +141,14 @@ def test_modules_are_solved_independently() -> None:
 
 def test_every_expert_takes_its_favourites_when_unconstrained() -> None:
     scores = np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]])
-    x = solve_assignment(scores, 1, 0, 2)
+    x = solve_one(scores, 1, 0, 2)
     np.testing.assert_array_equal(x, [[True, False, False], [False, False, True]])
 
 
 def test_lower_bound_forces_a_client_in() -> None:
     """Both experts prefer client 0, but client 1 must get one expert: the cheaper move wins."""
     scores = np.array([[0.9, 0.1], [0.6, 0.5]])
-    x = solve_assignment(scores, 1, 1, 1)
+    x = solve_one(scores, 1, 1, 1)
     np.testing.assert_array_equal(x, [[True, False], [False, True]])
 
 
@@ -196,12 +200,12 @@ def test_feasibility_check_matches_the_solver_and_fixes_work(
     scores = np.zeros((n_e, n_c))
     if k_c <= n_c and n_c * k_min <= n_e * k_c <= n_c * m_max:
         check_feasibility(*args)
-        validate_assignment(solve_assignment(scores, k_c, k_min, m_max), k_c, k_min, m_max)
+        validate_assignment(solve_one(scores, k_c, k_min, m_max), k_c, k_min, m_max)
         return
     with pytest.raises(InfeasibleAssignmentError) as info:
         check_feasibility(*args)
     with pytest.raises(InfeasibleAssignmentError):
-        solve_assignment(scores, k_c, k_min, m_max)
+        solve_one(scores, k_c, k_min, m_max)
     for fixed in _suggested_settings(str(info.value), args):
         check_feasibility(*fixed)
 
@@ -256,7 +260,7 @@ def test_validate_assignment_rejects_broken_assignments(x: list, message: str) -
 
 def test_scores_with_nan_are_rejected() -> None:
     with pytest.raises(ValueError, match="NaN"):
-        solve_assignment(np.array([[np.nan, 0.0], [0.0, 1.0]]), 1, 0, 2)
+        solve_one(np.array([[np.nan, 0.0], [0.0, 1.0]]), 1, 0, 2)
 
 
 def test_architectures_list_sorted_experts_per_client_and_module() -> None:

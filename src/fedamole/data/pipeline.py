@@ -42,10 +42,6 @@ class ClientDataset:
     prompter: Prompter
     classification: bool
 
-    @property
-    def labels(self) -> list[str]:
-        return sorted({ex.label for ex in self.splits.train})
-
 
 def is_classification(examples: list[Example]) -> bool:
     """Classification data (every example has answer choices) is scored by accuracy."""

@@ -24,13 +24,11 @@ from fedamole.checkpoint import Checkpoint
 from fedamole.config import Config
 from fedamole.federation.method import FederatedMethod
 from fedamole.federation.participation import participants
-from fedamole.federation.state import ServerState
 from fedamole.reporting import (
     Record,
     RunDir,
     example_score_rows,
     metric_records,
-    primary_name,
     server_record,
     summarise,
 )
@@ -39,8 +37,12 @@ from fedamole.types import (
     ClientPayload,
     ClientUpdate,
     Metrics,
+    ServerState,
     StateDict,
+    of_split,
     payload_nbytes,
+    primary_metric,
+    split_metric,
     to_wire,
     update_nbytes,
 )
@@ -200,16 +202,16 @@ class Engine:
         that never leaves the client's machine is noted, not written."""
         replies = evaluations if self.method.evaluates_after_aggregation else updates
         for c, reply in sorted(replies.items()):
-            test = {k: v for k, v in reply.metrics.items() if k.startswith("test_")}
+            test = of_split(reply.metrics, "test")
             if not test:
                 continue
-            metric = f"test_{primary_name({k.removeprefix('test_'): v for k, v in test.items()})}"
+            metric = split_metric("test", primary_metric(test))
             doc = {
                 "client": c,
                 "method": self.method.name,
                 "round": round_idx,
                 **self.method.describe(self.cfg, payloads[c]),
-                metric: test[metric],
+                metric: reply.metrics[metric],
             }
             if reply.personal_model is None:
                 doc["weights"] = "kept on the client's own node (it holds private tensors)"

@@ -15,9 +15,10 @@ client side (``client_round``, ``evaluate``, ``personal_model``) runs with a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,8 +27,13 @@ from fedamole.config import Config
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
 from fedamole.device import autocast, model_device, resolve_device
-from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
-from fedamole.federation.state import ServerState
+from fedamole.evaluation import (
+    SplitScores,
+    fitting_indices,
+    score_examples,
+    split_metric_names,
+    split_metrics,
+)
 from fedamole.federation.training import StepCallback
 from fedamole.models import load_base_model
 from fedamole.types import (
@@ -37,7 +43,9 @@ from fedamole.types import (
     ClientUpdate,
     ExampleScores,
     Metrics,
+    ServerState,
     StateDict,
+    split_metric,
 )
 
 
@@ -66,7 +74,8 @@ class ClientRuntime(Generic[H]):
     private: StateDict = field(default_factory=dict)
 
 
-SplitScorer = Callable[[list[Example]], SplitScores]
+# Indices of examples answered together under one context (e.g. a LoRA mix of adapter weights).
+AnswerGroup = tuple[AbstractContextManager[object], list[int]]
 
 
 def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -80,30 +89,45 @@ def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     return model, tokenizer
 
 
-def evaluate_client(
-    runtime: ClientRuntime, score_split: SplitScorer | None = None
-) -> tuple[Metrics, ExampleScores]:
-    """The model currently loaded in the handle on the client's validation and test splits, as
-    ``val_*``/``test_*`` means and per-example scores (in the split's order, so runs on the same
-    data pair up), under the configured mixed precision."""
+def score_split(
+    method: FederatedMethod[H], runtime: ClientRuntime[H], examples: list[Example]
+) -> SplitScores:
+    """The client's model as its method answers (:meth:`FederatedMethod.answer_groups`) on one
+    split; examples too long for the model are skipped, as in training."""
     cfg, data = runtime.cfg, runtime.data
+    indices = fitting_indices(data.prompter, examples, cfg.model.max_length)
+    kept = [examples[i] for i in indices]
+    names = split_metric_names(data.classification)
+    values = {name: [0.0] * len(kept) for name in names}
+    for context, members in method.answer_groups(runtime, kept):
+        with context:
+            scores = score_examples(
+                runtime.handle.model,
+                data.prompter,
+                [kept[i] for i in members],
+                cfg.eval,
+                classification=data.classification,
+            )
+        for name in names:
+            for i, value in zip(members, scores[name], strict=True):
+                values[name][i] = value
+    return SplitScores(data.classification, values, indices)
+
+
+def evaluate_client(
+    method: FederatedMethod[H], runtime: ClientRuntime[H]
+) -> tuple[Metrics, ExampleScores]:
+    """The client's current model on its validation and test splits, as ``val_*``/``test_*``
+    means and per-example scores (in the split's order, so runs on the same data pair up),
+    under the configured mixed precision."""
     model = runtime.handle.model
-
-    def default_scorer(examples: list[Example]) -> SplitScores:
-        return evaluate_examples(
-            model,
-            data.prompter,
-            examples,
-            cfg.eval,
-            cfg.model.max_length,
-            classification=data.classification,
-        )
-
-    scorer = score_split or default_scorer
-    with autocast(model_device(model), cfg.optim.mixed_precision):
-        scores = {split: scorer(getattr(data.splits, split)) for split in ("val", "test")}
+    with autocast(model_device(model), runtime.cfg.optim.mixed_precision):
+        scores = {
+            split: score_split(method, runtime, getattr(runtime.data.splits, split))
+            for split in ("val", "test")
+        }
     per_example = {
-        f"{split}_{name}": values
+        split_metric(split, name): values
         for split, split_scores in scores.items()
         for name, values in split_scores.values.items()
     }
@@ -114,7 +138,6 @@ class FederatedMethod(ABC, Generic[H]):
     """One federated fine-tuning method, as the rules the round engine asks it for."""
 
     name: str
-    communicates: bool = True
     # True: a client's model is the aggregated one (plus private parts), evaluated by a second
     # message after aggregation; False: the model it just trained locally, evaluated right away.
     evaluates_after_aggregation: bool = False
@@ -182,3 +205,30 @@ class FederatedMethod(ABC, Generic[H]):
     def personal_model(self, runtime: ClientRuntime[H]) -> StateDict:
         """The client's personalised model: the state it was just evaluated with."""
         return runtime.handle.state()
+
+    # ------------------------------------------------------------------------------ serving
+    # How `fedamole export` writes a client's model: PEFT's own adapter folder, or FedAMoLE's
+    # routed experts with what rebuilds them.
+    export_format: Literal["peft", "hmole"] = "peft"
+    # True when answering needs the client's own data (FedDPA's mix compares each prompt with
+    # the client's training prompts): serving then rebuilds the client's splits.
+    serves_from_client_data: bool = False
+
+    def answer_groups(
+        self, runtime: ClientRuntime[H], examples: list[Example]
+    ) -> list[AnswerGroup]:
+        """How the client's model answers ``examples``: their indices in groups, each group under
+        one context. Evaluation and serving both answer through it, so the model a client is
+        served is the model it was evaluated with. Default: all at once, as the handle is."""
+        return [(nullcontext(), list(range(len(examples))))]
+
+    def answer_doc(self, runtime: ClientRuntime[H]) -> dict[str, object]:
+        """How the client's model answers, as JSON for an export's readers ({}: as it is)."""
+        return {}
+
+    @abstractmethod
+    def restore(
+        self, runtime: ClientRuntime[H], model: StateDict, description: Mapping[str, object]
+    ) -> None:
+        """Put a client's saved personalised model (the tensors :meth:`personal_model` gave,
+        the JSON :meth:`describe` wrote) back into ``runtime``, as it was evaluated."""

@@ -11,16 +11,7 @@ all share one format:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Literal
-
-Kind = Literal["expert", "shared", "router"]
-
-_KEY = re.compile(
-    r"^(?P<module>.+)\.(?:experts\.(?P<expert>\d+)\.lora_(?P<epart>[AB])"
-    r"|shared\.lora_(?P<spart>[AB])|router\.weight)$"
-)
 
 
 def expert_key(module: str, expert: int, part: Literal["A", "B"]) -> str:
@@ -33,25 +24,6 @@ def shared_key(module: str, part: Literal["A", "B"]) -> str:
 
 def router_key(module: str) -> str:
     return f"{module}.router.weight"
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    module: str
-    kind: Kind
-    expert: int | None = None
-    part: Literal["A", "B"] | None = None
-
-
-def parse_key(key: str) -> KeyInfo:
-    match = _KEY.match(key)
-    if match is None:
-        raise KeyError(f"not an HMoLE state key: {key!r}")
-    if match["expert"] is not None:
-        return KeyInfo(match["module"], "expert", int(match["expert"]), match["epart"])
-    if match["spart"] is not None:
-        return KeyInfo(match["module"], "shared", None, match["spart"])
-    return KeyInfo(match["module"], "router")
 
 
 def state_keys(architecture: dict[str, list[int]]) -> list[str]:

@@ -18,7 +18,7 @@ from fedamole.methods.fedamole import FedAMoLE
 from fedamole.methods.feddpa import FedDPA
 from fedamole.methods.fedprompt import FedPrompt
 from fedamole.methods.fedptuning import fedptuning
-from fedamole.methods.lora import LoraMethod, fedit, fedit_ft, ffa_lora, local
+from fedamole.methods.lora import PeftMethod, fedit, fedit_ft, ffa_lora, local
 
 METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "local": local,
@@ -60,7 +60,7 @@ __all__ = [
     "FedDPA",
     "FedPrompt",
     "FederatedMethod",
-    "LoraMethod",
+    "PeftMethod",
     "UnknownMethodError",
     "get_method",
     "resolve_method",

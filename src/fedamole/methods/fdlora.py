@@ -45,14 +45,14 @@ from scipy.optimize import minimize
 from fedamole.config import BaselinesConfig, Config
 from fedamole.data.tokenize import collate
 from fedamole.device import autocast, model_device
-from fedamole.federation.state import ServerState
 from fedamole.federation.training import StepCallback, to_device
-from fedamole.methods.lora import AdapterHandle, LoraMethod, LoraRuntime, Phase, adapter_key
+from fedamole.methods.lora import AdapterHandle, PeftMethod, PeftRuntime, Phase, adapter_key
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,
     ClientUpdate,
     Metrics,
+    ServerState,
     StateDict,
 )
 
@@ -67,7 +67,7 @@ L1_PENALTY = 0.05  # LoraHub's and the reference's weight on mean |w|
 START_SIMPLEX = ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5))
 
 
-class FDLoRA(LoraMethod):
+class FDLoRA(PeftMethod):
     """Global LoRA federated (outer Nesterov step), personal LoRA synchronised from local
     training, the two fused per client by a gradient-free search (see module doc)."""
 
@@ -118,7 +118,7 @@ class FDLoRA(LoraMethod):
 
     # ----------------------------------------------------------------- client side
     def client_round(
-        self, payload: ClientPayload, runtime: LoraRuntime, on_step: StepCallback | None = None
+        self, payload: ClientPayload, runtime: PeftRuntime, on_step: StepCallback | None = None
     ) -> ClientUpdate:
         """Train the global LoRA; once a period the personal LoRA becomes a copy of it."""
         synced = runtime.private.get(SYNC_KEY)
@@ -130,18 +130,18 @@ class FDLoRA(LoraMethod):
         runtime.private[SYNC_KEY] = synced
         return update
 
-    def evaluate(self, payload: ClientPayload, runtime: LoraRuntime) -> ClientEvaluation:
+    def evaluate(self, payload: ClientPayload, runtime: PeftRuntime) -> ClientEvaluation:
         """AdaFusion on the aggregated global LoRA and the client's personal one, then the
         fused model on the client's splits."""
         runtime.handle.load({**runtime.private, **payload.weights})
         runtime.private[FUSION_KEY] = adaptive_fusion(runtime)
         return super().evaluate(payload, runtime)
 
-    def serving_weights(self, runtime: LoraRuntime) -> dict[str, float]:
+    def serving_weights(self, runtime: PeftRuntime) -> dict[str, float]:
         w_global, w_personal = runtime.private[FUSION_KEY].tolist()
         return {GLOBAL: w_global, PERSONAL: w_personal}
 
-    def personal_model(self, runtime: LoraRuntime) -> StateDict:
+    def personal_model(self, runtime: PeftRuntime) -> StateDict:
         """Both LoRAs as served, and the fusion weights that mix them."""
         return {**runtime.handle.state(), FUSION_KEY: runtime.private[FUSION_KEY]}
 
@@ -169,7 +169,7 @@ def outer_step(store: StateDict, mean: StateDict, settings: BaselinesConfig) -> 
 
 
 @torch.no_grad()
-def fusion_loss(runtime: LoraRuntime, batch: dict[str, torch.Tensor], weights: np.ndarray) -> float:
+def fusion_loss(runtime: PeftRuntime, batch: dict[str, torch.Tensor], weights: np.ndarray) -> float:
     """Mean token loss of the batch with the two LoRAs at these weights (eval mode)."""
     model = runtime.handle.model
     model.eval()
@@ -179,7 +179,7 @@ def fusion_loss(runtime: LoraRuntime, batch: dict[str, torch.Tensor], weights: n
         return model(**to_device(batch, device)).loss.float().item()
 
 
-def adaptive_fusion(runtime: LoraRuntime) -> torch.Tensor:
+def adaptive_fusion(runtime: PeftRuntime) -> torch.Tensor:
     """(w_global, w_personal) minimising fusion loss + L1 penalty over at most
     ``FUSION_EVALUATIONS`` evaluations, as a float32 tensor."""
     batch = collate(runtime.data.aux[:FUSION_EXAMPLES], runtime.tokenizer.pad_token_id)

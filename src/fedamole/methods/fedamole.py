@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,7 +25,6 @@ from fedamole.federation.method import (
     build_base_model,
     evaluate_client,
 )
-from fedamole.federation.state import ServerState
 from fedamole.federation.training import (
     StepCallback,
     fixed_batches,
@@ -50,7 +50,15 @@ from fedamole.rsea.solver import (
     random_assignment,
     solve_assignments,
 )
-from fedamole.types import Architecture, ClientEmbeddings, ClientPayload, ClientUpdate, Metrics
+from fedamole.types import (
+    Architecture,
+    ClientEmbeddings,
+    ClientPayload,
+    ClientUpdate,
+    Metrics,
+    ServerState,
+    StateDict,
+)
 
 log = logging.getLogger("fedamole.fedamole")
 
@@ -144,6 +152,8 @@ def rsea_architectures(
 
 class FedAMoLE(FederatedMethod[HMoLEAdapter]):
     """FedAMoLE (SPEC 3) and its ablations; the variant pins ``rsea.mode``."""
+
+    export_format = "hmole"
 
     MODES = {"fedamole": "rsea", "fedamole-r": "random", "fedamole-h": "homogeneous"}
     client_model_file = "architecture.json"
@@ -243,6 +253,18 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
             "hmole": cfg.hmole.model_dump(mode="json"),
         }
 
+    def restore(
+        self, runtime: FedAMoLERuntime, model: StateDict, description: Mapping[str, object]
+    ) -> None:
+        """The client's experts (its recorded architecture), shared expert and router."""
+        architecture = description["architecture"]
+        if not isinstance(architecture, dict):
+            raise ValueError(
+                f"a FedAMoLE client model needs its architecture, got {architecture!r}"
+            )
+        runtime.handle.set_architecture(architecture)
+        runtime.handle.load_state(model)
+
     # ------------------------------------------------------------------------------ client side
     def client_round(
         self, payload: ClientPayload, runtime: FedAMoLERuntime, on_step: StepCallback | None = None
@@ -265,7 +287,7 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
             aux_loss=adapter.load_balancing_loss,
             on_step=on_step,
         )
-        metrics, example_scores = evaluate_client(runtime)
+        metrics, example_scores = evaluate_client(self, runtime)
         aux_batches = fixed_batches(data.aux, cfg.eval.batch_size, pad_id)
         embeddings = compute_embeddings(adapter, aux_batches, cfg.optim.mixed_precision)
         norms = embedding_norms(embeddings, cfg.privacy.clip_norm)

@@ -18,8 +18,8 @@ Models"), FedDPA-T variant, in a faithful but simple form on two named PEFT LoRA
   aggregation: the averaged global adapter plus its own local adapter.
 
 Simplifications, all deliberate: the local adapter is trained from round 0 (the paper's code waits
-one round), anchors are fixed per client, and the per-instance weights make evaluation run one
-example at a time.
+one round), anchors are fixed per client, and the per-instance weights make evaluation and
+serving run one example at a time.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from torch import Tensor
 
 from fedamole.data.example import Example
 from fedamole.device import model_device
-from fedamole.evaluation import SplitScores, fitting_indices, score_examples
-from fedamole.methods.lora import LoraMethod, LoraRuntime, Phase, adapter_key
+from fedamole.federation.method import AnswerGroup
+from fedamole.methods.lora import PeftMethod, PeftRuntime, Phase, adapter_key
 
 GLOBAL, LOCAL = "global", "local"
 TRAIN_MIX = 0.5  # weight of each adapter while the local adapter trains
@@ -40,7 +40,7 @@ MAX_LOCAL_WEIGHT = 0.5  # alpha(x) = MAX_LOCAL_WEIGHT * mean cosine similarity, 
 NUM_ANCHORS = 5
 
 
-class FedDPA(LoraMethod):
+class FedDPA(PeftMethod):
     """Global adapter federated, local adapter private, mixed per instance at inference."""
 
     def __init__(self) -> None:
@@ -56,26 +56,19 @@ class FedDPA(LoraMethod):
             adapters=(GLOBAL, LOCAL),
         )
 
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
-        """Each example with its own local weight alpha(x), scored as :func:`evaluate_examples`
-        scores a split (same skipped examples, metrics and order)."""
-        cfg, data = runtime.cfg, runtime.data
-        indices = fitting_indices(data.prompter, examples, cfg.model.max_length)
-        kept = [examples[i] for i in indices]
-        per_example = []
-        for example, weight in zip(kept, local_weights(runtime, kept).tolist(), strict=True):
-            with runtime.handle.mixing({GLOBAL: 1 - weight, LOCAL: weight}):
-                per_example.append(
-                    score_examples(
-                        runtime.handle.model,
-                        data.prompter,
-                        [example],
-                        cfg.eval,
-                        classification=data.classification,
-                    )
-                )
-        values = {name: [s[name][0] for s in per_example] for name in per_example[0]}
-        return SplitScores(data.classification, values, indices)
+    serves_from_client_data = True  # the anchors are the client's own training prompts
+
+    def answer_groups(self, runtime: PeftRuntime, examples: list[Example]) -> list[AnswerGroup]:
+        """One example at a time, each with its own local weight alpha(x)."""
+        weights = local_weights(runtime, examples).tolist() if examples else []
+        return [
+            (runtime.handle.mixing({GLOBAL: 1 - a, LOCAL: a}), [i]) for i, a in enumerate(weights)
+        ]
+
+    def answer_doc(self, runtime: PeftRuntime) -> dict[str, object]:
+        """The rule and its anchor prompts (the client's own: private)."""
+        anchors = [runtime.data.prompter.prompt(ex) for ex in anchor_examples(runtime)]
+        return {"rule": self.inference(), "max_local_weight": MAX_LOCAL_WEIGHT, "anchors": anchors}
 
     def inference(self) -> str:
         return (
@@ -86,7 +79,7 @@ class FedDPA(LoraMethod):
         )
 
 
-def local_weights(runtime: LoraRuntime, examples: list[Example]) -> Tensor:
+def local_weights(runtime: PeftRuntime, examples: list[Example]) -> Tensor:
     """alpha(x) per example from its similarity to the client's anchor training prompts."""
     anchors = anchor_examples(runtime)
     prompts = [runtime.data.prompter.prompt_ids(ex) for ex in [*anchors, *examples]]
@@ -98,7 +91,7 @@ def local_weights(runtime: LoraRuntime, examples: list[Example]) -> Tensor:
     return (MAX_LOCAL_WEIGHT * similarity.mean(dim=1)).clamp(0.0, MAX_LOCAL_WEIGHT)
 
 
-def anchor_examples(runtime: LoraRuntime) -> list[Example]:
+def anchor_examples(runtime: PeftRuntime) -> list[Example]:
     """K training examples of this client, the same every round (seeded by run and client)."""
     train = runtime.data.splits.train
     rng = np.random.default_rng([runtime.cfg.seed, runtime.data.client_id])
@@ -107,7 +100,7 @@ def anchor_examples(runtime: LoraRuntime) -> list[Example]:
 
 
 @torch.no_grad()
-def last_token_states(runtime: LoraRuntime, prompts: list[list[int]]) -> Tensor:
+def last_token_states(runtime: PeftRuntime, prompts: list[list[int]]) -> Tensor:
     """Last-layer hidden state of each prompt's last token (left-padded batches, eval mode)."""
     model, tokenizer = runtime.handle.model, runtime.tokenizer
     model.eval()

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedamole.config import Config
 from fedamole.device import model_device
-from fedamole.methods.lora import DEFAULT, AdapterHandle, LoraMethod, every_key, train_single
+from fedamole.methods.lora import DEFAULT, AdapterHandle, PeftMethod, every_key, train_single
 
 PromptConfigFactory = Callable[[Config, PreTrainedModel], PromptLearningConfig]
 
@@ -49,7 +49,7 @@ def is_prompt_parameter(name: str) -> bool:
     return name.startswith("prompt_encoder.")
 
 
-class PromptMethod(LoraMethod):
+class PromptMethod(PeftMethod):
     """A prompt-learning baseline: one PEFT prompt adapter, all of it averaged by FedAvg each
     round, the aggregated prompt served to every client."""
 

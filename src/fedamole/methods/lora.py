@@ -1,4 +1,4 @@
-"""LoRA baselines on real PEFT adapters, each a few rules on one :class:`LoraMethod`.
+"""LoRA baselines on real PEFT adapters, each a few rules on one :class:`PeftMethod`.
 
 Every baseline injects ``peft`` LoRA with FedAMoLE's rank, alpha, dropout and target modules
 (``cfg.hmole``), trains with the shared loop (same steps, batches, seeds and Adam settings) and
@@ -32,7 +32,7 @@ same class.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,16 +46,22 @@ from fedamole.aggregation import aggregate
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.evaluation import SplitScores, evaluate_examples
 from fedamole.federation.method import (
+    AnswerGroup,
     ClientRuntime,
     FederatedMethod,
     build_base_model,
     evaluate_client,
 )
-from fedamole.federation.state import ServerState
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
-from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, Metrics, StateDict
+from fedamole.types import (
+    ClientEvaluation,
+    ClientPayload,
+    ClientUpdate,
+    Metrics,
+    ServerState,
+    StateDict,
+)
 
 KeyRule = Callable[[str], bool]
 DEFAULT = "default"
@@ -167,7 +173,7 @@ def _flat_parameters(
     return out
 
 
-LoraRuntime = ClientRuntime[AdapterHandle]
+PeftRuntime = ClientRuntime[AdapterHandle]
 
 
 @dataclass(frozen=True)
@@ -179,34 +185,37 @@ class Phase:
 
 
 @dataclass
-class LoraMethod(FederatedMethod[AdapterHandle]):
+class PeftMethod(FederatedMethod[AdapterHandle]):
     """A LoRA baseline: FedAvg over the ``shared`` tensors of PEFT adapters (see module doc)."""
 
     name: str
     shared: KeyRule
     phases: tuple[Phase, ...]
     evaluates_after_aggregation: bool
-    communicates: bool = True
     shares_personal_model: bool = True
     adapters: tuple[str, ...] = (DEFAULT,)
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
     # ----------------------------------------------------------------- rules a subclass may change
-    def serving_weights(self, runtime: LoraRuntime) -> dict[str, float]:
+    def serving_weights(self, runtime: PeftRuntime) -> dict[str, float]:
         """The weight of each adapter in the client's model: every adapter at full weight."""
         return {adapter: 1.0 for adapter in self.adapters}
 
-    def evaluate_split(self, runtime: LoraRuntime, examples: list[Example]) -> SplitScores:
-        """The client's current model on one split, its adapters at their serving weights."""
-        with runtime.handle.mixing(self.serving_weights(runtime)):
-            return evaluate_examples(
-                runtime.handle.model,
-                runtime.data.prompter,
-                examples,
-                runtime.cfg.eval,
-                runtime.cfg.model.max_length,
-                classification=runtime.data.classification,
-            )
+    def answer_groups(self, runtime: PeftRuntime, examples: list[Example]) -> list[AnswerGroup]:
+        """All examples at once, the adapters at their serving weights."""
+        mixing = runtime.handle.mixing(self.serving_weights(runtime))
+        return [(mixing, list(range(len(examples))))]
+
+    def answer_doc(self, runtime: PeftRuntime) -> dict[str, object]:
+        return {"rule": self.inference(), "adapter_weights": self.serving_weights(runtime)}
+
+    def restore(
+        self, runtime: PeftRuntime, model: StateDict, description: Mapping[str, object]
+    ) -> None:
+        """The adapters' tensors into the handle; what the model holds besides them (FDLoRA's
+        fusion weights) becomes the client's private state, where the serving weights read it."""
+        runtime.handle.load(model)
+        runtime.private = dict(model)
 
     def inference(self) -> str:
         """How a saved client model is used at inference (for its JSON)."""
@@ -244,10 +253,10 @@ class LoraMethod(FederatedMethod[AdapterHandle]):
         tokenizer: PreTrainedTokenizerBase,
         cfg: Config,
         data: ClientDataset,
-    ) -> LoraRuntime:
+    ) -> PeftRuntime:
         """A client starts from the run's seeded adapters; what it never shares stays its own."""
         private = {k: v for k, v in self.initial.items() if not self.shared(k)}
-        return LoraRuntime(handle, tokenizer, cfg, data, private)
+        return PeftRuntime(handle, tokenizer, cfg, data, private)
 
     # ----------------------------------------------------------------- server side
     def init_state(
@@ -278,7 +287,7 @@ class LoraMethod(FederatedMethod[AdapterHandle]):
 
     # ----------------------------------------------------------------- client side
     def client_round(
-        self, payload: ClientPayload, runtime: LoraRuntime, on_step: StepCallback | None = None
+        self, payload: ClientPayload, runtime: PeftRuntime, on_step: StepCallback | None = None
     ) -> ClientUpdate:
         """Download -> local training phases -> (local evaluation) -> upload the shared part."""
         runtime.handle.load({**runtime.private, **payload.weights})
@@ -301,7 +310,7 @@ class LoraMethod(FederatedMethod[AdapterHandle]):
 
     def _train(
         self,
-        runtime: LoraRuntime,
+        runtime: PeftRuntime,
         phase: Phase,
         lr: float,
         seed: int,
@@ -327,10 +336,10 @@ class LoraMethod(FederatedMethod[AdapterHandle]):
                 on_step=on_step,
             )
 
-    def _evaluate(self, runtime: LoraRuntime) -> tuple[Metrics, dict[str, list[float]]]:
-        return evaluate_client(runtime, lambda examples: self.evaluate_split(runtime, examples))
+    def _evaluate(self, runtime: PeftRuntime) -> tuple[Metrics, dict[str, list[float]]]:
+        return evaluate_client(self, runtime)
 
-    def evaluate(self, payload: ClientPayload, runtime: LoraRuntime) -> ClientEvaluation:
+    def evaluate(self, payload: ClientPayload, runtime: PeftRuntime) -> ClientEvaluation:
         """The aggregated shared tensors with this client's private ones."""
         runtime.handle.load({**runtime.private, **payload.weights})
         metrics, scores = self._evaluate(runtime)
@@ -342,34 +351,33 @@ def train_single(trains: KeyRule) -> tuple[Phase, ...]:
     return (Phase({DEFAULT: 1.0}, trains),)
 
 
-def local() -> LoraMethod:
+def local() -> PeftMethod:
     """Each client fine-tunes its own LoRA on its own data; nothing is ever sent."""
-    return LoraMethod(
+    return PeftMethod(
         "local",
         shared=no_key,
         phases=train_single(every_key),
         evaluates_after_aggregation=False,
-        communicates=False,
         shares_personal_model=False,
     )
 
 
-def fedit() -> LoraMethod:
+def fedit() -> PeftMethod:
     """FedIT: FedAvg of one LoRA; each client is served the aggregated (global) model."""
-    return LoraMethod("fedit", every_key, train_single(every_key), evaluates_after_aggregation=True)
+    return PeftMethod("fedit", every_key, train_single(every_key), evaluates_after_aggregation=True)
 
 
-def fedit_ft() -> LoraMethod:
+def fedit_ft() -> PeftMethod:
     """FedIT-FT: FedIT, each client evaluated with the LoRA it just fine-tuned locally."""
-    return LoraMethod(
+    return PeftMethod(
         "fedit-ft", every_key, train_single(every_key), evaluates_after_aggregation=False
     )
 
 
-def ffa_lora() -> LoraMethod:
+def ffa_lora() -> PeftMethod:
     """FFA-LoRA: A frozen at its seeded init, only B trained and averaged; global model served.
     The frozen A is the same seeded tensor on every client, so the personalised model holds
     nothing the server lacks."""
-    return LoraMethod(
+    return PeftMethod(
         "ffa-lora", lora_b_key, train_single(lora_b_key), evaluates_after_aggregation=True
     )

@@ -21,8 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from fedamole.rsea.solver import architectures_from_assignment, solve_assignments
-from fedamole.types import Architecture, ClientEmbeddings
+from fedamole.types import ClientEmbeddings
 
 
 def _vector(value: Tensor, rank: int, what: str) -> np.ndarray:
@@ -79,19 +78,3 @@ def expert_preferences(
         prefs[index] = weights / weights.sum(axis=1, keepdims=True)
         prefs[index, counts == 0] = 1.0 / num_clients
     return prefs
-
-
-def assign_from_embeddings(
-    embeddings: Mapping[int, ClientEmbeddings],
-    modules: Sequence[str],
-    num_experts: int,
-    num_clients: int,
-    rank: int,
-    clients_per_expert: int,
-    min_experts: int,
-    max_experts: int,
-) -> list[Architecture]:
-    """Next round's architecture of every client (client c -> module -> sorted expert ids)."""
-    prefs = expert_preferences(embeddings, modules, num_experts, num_clients, rank)
-    assignment = solve_assignments(prefs, clients_per_expert, min_experts, max_experts)
-    return architectures_from_assignment(assignment, modules)

@@ -408,16 +408,6 @@ def solve_assignments(
     return result
 
 
-def solve_assignment(
-    scores: np.ndarray, clients_per_expert: int, min_experts: int, max_experts: int
-) -> np.ndarray:
-    """Exact optimum for one module: scores (N_e, N_c) -> bool X (N_e, N_c)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be (N_e, N_c), got shape {scores.shape}")
-    return solve_assignments(scores[None], clients_per_expert, min_experts, max_experts)[0]
-
-
 def random_assignment(
     n_modules: int,
     num_experts: int,

@@ -19,14 +19,10 @@ from rich.progress import (
 )
 
 from fedamole.config import Config
-from fedamole.data.pipeline import encode_client, prepare_client_splits
-from fedamole.data.prompts import build_prompter
-from fedamole.device import resolve_device
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.engine import Engine
 from fedamole.federation.method import ClientRuntime, FederatedMethod
-from fedamole.methods import resolve_method
-from fedamole.reporting import RunDir
+from fedamole.federation.setup import build_clients, open_run
 from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, StateDict
 
 
@@ -103,19 +99,10 @@ def run_simulation(
     ``rsea.mode`` says); returns the summary written to summary.json. Every check that can fail
     (device, settings, run directory, data) runs before the model loads."""
     console = console or Console()
-    method = method if isinstance(method, FederatedMethod) else resolve_method(method, cfg)
-    cfg = method.configure(cfg)
-    resolve_device(cfg.model.device)
-    method.check(cfg)
-    splits = prepare_client_splits(cfg)
-    run_dir = RunDir.open(cfg, method.name, resume)
-    handle, tokenizer = method.build(cfg)
-    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
-    clients = [
-        method.runtime(handle, tokenizer, cfg, encode_client(c, s, prompter, cfg.model.max_length))
-        for c, s in enumerate(splits)
-    ]
+    setup = open_run(cfg, method, resume, with_data=True)
+    handle, clients = build_clients(setup)
+    cfg, method = setup.cfg, setup.method
     with _progress(console) as progress:
         transport = InProcessTransport(method, clients, progress)
-        engine = Engine(cfg, method, transport, run_dir, progress.console)
+        engine = Engine(cfg, method, transport, setup.run_dir, progress.console)
         return engine.run(lambda first: method.init_state(cfg, handle, first), resume)

@@ -12,7 +12,6 @@ from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedamole.config import load_config
-from fedamole.federation.state import ServerState
 from fedamole.hmole.keys import state_keys
 from fedamole.methods import FedAMoLE
 from fedamole.reporting import RunDir
@@ -23,7 +22,7 @@ from fedamole.transports.flower.records import (
 )
 from fedamole.transports.flower.server_app import IDENTIFY_TIMEOUT, FlowerTransport, Roster
 from fedamole.transports.flower.settings import FlowerSettings
-from fedamole.types import ClientUpdate
+from fedamole.types import ClientUpdate, ServerState
 
 Reply = Callable[[Message], Message | None]  # None: the node never answers
 

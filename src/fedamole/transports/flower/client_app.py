@@ -13,8 +13,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedamole.transports.flower.node_config import NUM_PARTITIONS, PARTITION_ID
 from fedamole.transports.flower.records import identity_to_record
-from fedamole.transports.flower.settings import NUM_PARTITIONS, PARTITION_ID
 
 app = ClientApp()
 

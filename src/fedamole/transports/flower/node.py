@@ -17,23 +17,31 @@ from pathlib import Path
 
 import yaml
 from flwr.app import RecordDict, UserConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config
 from fedamole.data.pipeline import (
     TaskSplits,
-    encode_client,
     is_classification,
     prepare_client_splits,
 )
-from fedamole.data.prompts import build_prompter
 from fedamole.data.sources import load_source
 from fedamole.data.splits import split_client
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
+from fedamole.federation.setup import client_runtime
+from fedamole.files import atomic_save_tensors, atomic_write_text
 from fedamole.methods import get_method
-from fedamole.models import model_cache_dir
+from fedamole.reporting import ADAPTER_WEIGHTS
+from fedamole.transports.flower.node_config import (
+    DATA_PATH,
+    MODEL_FOLDER,
+    PARTITION_ID,
+    STATE_DIR,
+    default_state_dir,
+    node_client_folder,
+)
 from fedamole.transports.flower.records import (
     RunInfo,
     evaluation_to_record,
@@ -41,7 +49,6 @@ from fedamole.transports.flower.records import (
     run_from_record,
     update_to_record,
 )
-from fedamole.transports.flower.settings import DATA_PATH, PARTITION_ID, STATE_DIR
 from fedamole.types import ClientPayload, StateDict
 
 
@@ -83,8 +90,8 @@ class Node:
         method, cfg = _method(run.method, run.config.to_yaml())
         client_id = int(node_config[PARTITION_ID])
         data_path = Path(str(node_config[DATA_PATH])) if node_config.get(DATA_PATH) else None
-        state_dir = Path(str(node_config.get(STATE_DIR) or model_cache_dir() / "nodes"))
-        folder = state_dir / run.run_id / f"client{client_id}"
+        state_dir = Path(str(node_config.get(STATE_DIR) or default_state_dir()))
+        folder = node_client_folder(state_dir, run.run_id, client_id)
         return cls(run, method, cfg, client_id, data_path, folder)
 
     def runtime(self, round_idx: int) -> ClientRuntime:
@@ -97,9 +104,7 @@ class Node:
             if self.data_path
             else _splits(self.cfg.to_yaml())[self.client_id]
         )
-        prompter = build_prompter(tokenizer, self.cfg.data.prompt_format)
-        data = encode_client(self.client_id, splits, prompter, self.cfg.model.max_length)
-        runtime = self.method.runtime(handle, tokenizer, self.cfg, data)
+        runtime = client_runtime(self.method, handle, tokenizer, self.cfg, self.client_id, splits)
         saved = self._latest_private(round_idx)
         if saved is not None:
             runtime.private = load_file(str(saved))
@@ -116,9 +121,7 @@ class Node:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"private_round_{round_idx:03d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in private.items()}, str(tmp))
-        tmp.replace(path)
+        atomic_save_tensors(path, private)
 
     def keep_personal_model(
         self, payload: ClientPayload, model: StateDict | None
@@ -127,18 +130,16 @@ class Node:
         when the method shares it (else it holds tensors that never leave the organisation)."""
         if model is None:
             return None
-        folder = self.folder / "model"
+        folder = self.folder / MODEL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in model.items()}, str(folder / "adapter.safetensors")
-        )
+        atomic_save_tensors(folder / ADAPTER_WEIGHTS, model)
         doc = {
             "client": self.client_id,
             "method": self.method.name,
             "round": payload.round,
             **self.method.describe(self.cfg, payload),
         }
-        (folder / self.method.client_model_file).write_text(json.dumps(doc, indent=1))
+        atomic_write_text(folder / self.method.client_model_file, json.dumps(doc, indent=1))
         return model if self.method.shares_personal_model else None
 
 

@@ -38,11 +38,9 @@ UPDATE = "update"
 METRICS = "metrics"
 EXAMPLE_SCORES = "example-scores"
 PERSONAL_MODEL = "personal-model"
-DATA_EMBEDDINGS = "data-embeddings"
-EXPERT_EMBEDDINGS = "expert-embeddings"
+EMBEDDINGS = "embeddings"  # ClientEmbeddings.to_tensors(), the checkpoint's layout too
 RUN = "run"
 IDENTITY = "identity"
-_EXPERT_SEP = ".experts."  # "{module}.experts.{e}", the prefix of that expert's state keys
 _BFLOAT16 = "bfloat16"
 
 
@@ -116,23 +114,9 @@ def run_from_record(content: RecordDict) -> RunInfo:
     )
 
 
-def _embeddings_to_records(emb: ClientEmbeddings) -> dict[str, ArrayRecord]:
-    experts = {
-        f"{module}{_EXPERT_SEP}{e}": vec
-        for module, by_expert in emb.experts.items()
-        for e, vec in by_expert.items()
-    }
-    return {DATA_EMBEDDINGS: _arrays(emb.data), EXPERT_EMBEDDINGS: _arrays(experts)}
-
-
 def _embeddings_from_records(content: RecordDict) -> ClientEmbeddings | None:
-    if DATA_EMBEDDINGS not in content.array_records:
-        return None
-    experts: dict[str, dict[int, Tensor]] = {}
-    for key, vec in _tensors(content.array_records[EXPERT_EMBEDDINGS]).items():
-        module, _, expert = key.rpartition(_EXPERT_SEP)
-        experts.setdefault(module, {})[int(expert)] = vec
-    return ClientEmbeddings(data=_tensors(content.array_records[DATA_EMBEDDINGS]), experts=experts)
+    record = content.array_records.get(EMBEDDINGS)
+    return None if record is None else ClientEmbeddings.from_tensors(_tensors(record))
 
 
 def _results(
@@ -166,7 +150,7 @@ def update_to_record(update: ClientUpdate) -> RecordDict:
         **_results(update.metrics, update.example_scores, update.personal_model),
     }
     if update.embeddings is not None:
-        records |= _embeddings_to_records(update.embeddings)
+        records[EMBEDDINGS] = _arrays(update.embeddings.to_tensors())
     return RecordDict(records)
 
 

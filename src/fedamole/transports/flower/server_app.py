@@ -25,11 +25,8 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedamole.config import Config
-from fedamole.device import resolve_device
 from fedamole.federation.engine import Engine
-from fedamole.federation.method import FederatedMethod
-from fedamole.federation.state import ServerState
-from fedamole.methods import resolve_method
+from fedamole.federation.setup import open_run
 from fedamole.reporting import RunDir
 from fedamole.transports.flower.records import (
     RunInfo,
@@ -39,7 +36,7 @@ from fedamole.transports.flower.records import (
     update_from_record,
 )
 from fedamole.transports.flower.settings import FlowerSettings, load_settings
-from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, StateDict
+from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, ServerState, StateDict
 
 log = logging.getLogger("fedamole.flower")
 
@@ -235,11 +232,8 @@ class FlowerTransport:
 def run_federation(grid: Grid, settings: FlowerSettings) -> dict[str, Any]:
     """The engine over Flower; returns the summary written to summary.json. Settings and the run
     directory are checked before anything expensive."""
-    method: FederatedMethod = resolve_method(settings.method, settings.config)
-    cfg = method.configure(settings.config)
-    resolve_device(cfg.model.device)
-    method.check(cfg)
-    run_dir = RunDir.open(cfg, method.name, settings.resume)
+    setup = open_run(settings.config, settings.method, settings.resume, with_data=False)
+    cfg, method, run_dir = setup.cfg, setup.method, setup.run_dir
     transport = FlowerTransport(grid, settings, cfg, method.name, run_dir)
     engine = Engine(cfg, method, transport, run_dir, Console(width=120))
 

@@ -25,10 +25,7 @@ JOIN_TIMEOUT = "join-timeout"
 _APP_KEYS = {CONFIG_FILE, METHOD, RESUME, REPLY_TIMEOUT, JOIN_TIMEOUT}
 
 # Node config keys (`flower-supernode --node-config`), set by each organisation for its node.
-PARTITION_ID = "partition-id"  # this node's client id, 0 .. num-partitions - 1
-NUM_PARTITIONS = "num-partitions"  # must equal federation.num_clients
-DATA_PATH = "data-path"  # optional: the organisation's own data file instead of a partition
-STATE_DIR = "state-dir"  # optional: where the node keeps private tensors and its own model
+# (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, STATE_DIR: fedamole.transports.flower.node_config)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Models people can take home: one client's personalised model as a folder that needs no run.
 
-- LoRA baselines (local, fedit, fedit-ft, ffa-lora, feddpa): a PEFT adapter folder written by
-  PEFT's own ``save_pretrained`` (FedDPA: its ``global`` and ``local`` adapters in subfolders, and
-  how it mixes them), loadable with ``peft.PeftModel.from_pretrained(base, folder)``.
+- PEFT baselines (local, fedit, fedit-ft, ffa-lora, feddpa, fdlora, fedprompt, fedptuning): a
+  PEFT adapter folder written by PEFT's own ``save_pretrained``, loadable with
+  ``peft.PeftModel.from_pretrained(base, folder)``; a method with several adapters (FedDPA,
+  FDLoRA) has one subfolder each and ``mixing.json``, how its method mixes them.
 - FedAMoLE variants: ``fedamole_model.json`` (base model, HMoLE settings, the client's
   architecture) and ``adapter.safetensors``; :func:`load_pretrained` rebuilds the routed model.
 - FedAMoLE with ``static_lora``: one plain PEFT LoRA per module that folds the shared expert
@@ -41,29 +42,27 @@ from fedamole.data.example import Example
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.device import autocast, model_device
 from fedamole.evaluation import evaluate_examples
-from fedamole.federation.method import build_base_model
+from fedamole.federation.method import AnswerGroup, build_base_model
 from fedamole.federation.training import Batch, fixed_batches, to_device
 from fedamole.files import atomic_write_text
 from fedamole.hmole import HMoLEAdapter
 from fedamole.hmole.keys import expert_key, shared_key
-from fedamole.methods import FedAMoLE, FedDPA, LoraMethod
 from fedamole.methods.fedamole import build_hmole_model
-from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, NUM_ANCHORS, anchor_examples
 from fedamole.methods.lora import LoraHandle, lora_config
 from fedamole.models import DEFAULT_MODEL, TINY_MODEL
-from fedamole.personalised import (
+from fedamole.reporting import ADAPTER_WEIGHTS
+from fedamole.serving.personalised import (
     ClientModel,
     SavedClient,
     client_data,
-    client_runtime,
     open_saved_client,
     rebuild,
 )
-from fedamole.reporting import ADAPTER_WEIGHTS
 from fedamole.types import StateDict
 
 MODEL_FILE = "fedamole_model.json"
-FEDDPA_FILE = "feddpa.json"
+MIXING_FILE = "mixing.json"  # how a model with several adapters mixes them (its method's rule)
+ADAPTER_WEIGHTS_KEY = "adapter_weights"  # in MIXING_FILE: fixed weight per adapter, if fixed
 README = "README.md"
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 FIDELITY_PROMPTS = 4  # validation prompts whose logits the static LoRA is compared on
@@ -109,13 +108,14 @@ def export_client(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty folder; choose another")
     saved = open_saved_client(run_dir, client_id, device)
-    if static_lora and not isinstance(saved.method, FedAMoLE):
+    routed = saved.method.export_format == "hmole"
+    if static_lora and not routed:
         raise ExportError(
-            f"--static-lora folds FedAMoLE's experts into one LoRA; {saved.name} is a LoRA "
-            "already: export it without --static-lora"
+            f"--static-lora folds FedAMoLE's experts into one LoRA; {saved.name} is a PEFT "
+            "model already: export it without --static-lora"
         )
     with _staging(out) as folder:
-        if isinstance(saved.method, LoraMethod):
+        if not routed:
             result = export_peft(saved, folder)
         elif static_lora:
             result = export_static_lora(saved, folder)
@@ -140,15 +140,19 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def export_peft(saved: SavedClient, folder: Path) -> Export:
-    """The baseline's PEFT model saved by PEFT itself, with the base model users should load."""
-    handle, prompter = rebuild(saved)
-    model: PeftModel = handle.model
+    """The baseline's PEFT model saved by PEFT itself, with the base model users should load;
+    with several adapters, how the method mixes them (``mixing.json``)."""
+    runtime = rebuild(saved)
+    model: PeftModel = runtime.handle.model
     save_peft(model, saved.cfg, folder)
-    doc = _doc(saved, "peft-lora") | {"adapters": list(model.peft_config)}
+    adapters = list(model.peft_config)
+    doc = _doc(saved, "peft-lora") | {"adapters": adapters}
     notes = ""
-    if isinstance(saved.method, FedDPA):
-        notes = _feddpa_files(saved, handle, prompter, folder)
-    _write_docs(folder, doc, _peft_readme(saved, list(model.peft_config)) + notes)
+    if adapters != ["default"]:
+        mixing = saved.method.answer_doc(runtime)
+        atomic_write_text(folder / MIXING_FILE, json.dumps(mixing, indent=1))
+        notes = _mixing_readme(mixing, adapters)
+    _write_docs(folder, doc, _peft_readme(saved, adapters) + notes)
     return Export(folder, "peft-lora")
 
 
@@ -160,38 +164,34 @@ def save_peft(model: PeftModel, cfg: Config, folder: Path) -> None:
     model.save_pretrained(folder, save_embedding_layers=False)
 
 
-def _feddpa_files(saved: SavedClient, handle: LoraHandle, prompter: Prompter, folder: Path) -> str:
-    """FedDPA's mixing rule and the anchor prompts it needs (``feddpa.json``); README text."""
-    runtime = client_runtime(saved, handle, prompter)
-    anchors = [prompter.prompt(ex) for ex in anchor_examples(runtime)]
-    doc = {
-        "max_local_weight": MAX_LOCAL_WEIGHT,
-        "anchors": anchors,
-        "rule": saved.method.inference(),
-    }
-    atomic_write_text(folder / FEDDPA_FILE, json.dumps(doc, indent=1))
+def _mixing_readme(mixing: dict[str, object], names: list[str]) -> str:
+    weights = mixing.get(ADAPTER_WEIGHTS_KEY)
+    if isinstance(weights, dict):
+        how = "at the fixed weights `adapter_weights` in `mixing.json`: " + ", ".join(
+            f"{name} {weight:.4g}" for name, weight in weights.items()
+        )
+        scales = "\n".join(f'        layer.set_scale("{a}", {w!r})' for a, w in weights.items())
+    else:
+        how = "with weights computed per prompt from what `mixing.json` holds"
+        scales = "        layer.set_scale(name, weight)  # per prompt, as the rule says"
+    loads = "\n".join(f'model.load_adapter("{a}", adapter_name="{a}")' for a in names[1:])
     return f"""
-## How FedDPA mixes its two adapters
+## How the adapters are mixed
 
-`global/` is the federated adapter, `local/` the client's private one. For each prompt x, FedDPA
-computes a(x) = {MAX_LOCAL_WEIGHT} * mean cosine similarity between the last-layer hidden state of
-x's last token and those of the {NUM_ANCHORS} anchor prompts in `{FEDDPA_FILE}` (all computed with
-only the local adapter active), clipped to [0, {MAX_LOCAL_WEIGHT}], and answers with
-h = W0 x + (1 - a(x)) * global + a(x) * local. With PEFT:
+The client's model runs its adapters together, {how}. The rule: {mixing.get("rule")}.
+With PEFT:
 
 ```python
-model = PeftModel.from_pretrained(base, "global", adapter_name="global")
-model.load_adapter("local", adapter_name="local")
-model.base_model.set_adapter(["global", "local"])
+model = PeftModel.from_pretrained(base, "{names[0]}", adapter_name="{names[0]}")
+{loads}
+model.base_model.set_adapter({names!r})
 for layer in model.modules():
     if isinstance(layer, peft.tuners.lora.LoraLayer):
-        layer.set_scale("global", 1 - a)
-        layer.set_scale("local", a)
+{scales}
 ```
 
-Either adapter alone is a usable LoRA (the global one is the federation's shared model), but
-neither alone is the model FedDPA evaluated. The anchors are {NUM_ANCHORS} of the client's own
-training prompts: keep this folder as private as that data.
+No adapter alone is the model the client was evaluated with. `mixing.json` may hold some of
+the client's own prompts (FedDPA's anchors): keep this folder as private as that data.
 """
 
 
@@ -210,7 +210,8 @@ def export_hmole(saved: SavedClient, folder: Path) -> Export:
 def export_static_lora(saved: SavedClient, folder: Path) -> Export:
     """Fold the routed experts into one PEFT LoRA with fixed weights and measure the loss."""
     cfg = saved.cfg
-    adapter, prompter = rebuild(saved)
+    runtime = rebuild(saved)
+    adapter, prompter = runtime.handle, runtime.data.prompter
     data = client_data(saved, prompter)
     batches = fixed_batches(data.train, cfg.eval.batch_size, prompter.tokenizer.pad_token_id)
     weights = mean_routing_weights(adapter, batches, cfg.optim.mixed_precision)
@@ -365,14 +366,34 @@ def load_pretrained(path: Path, base_model: str | None = None, device: str = "au
         adapter.set_architecture(doc["architecture"])
         adapter.load_state(load_file(str(folder / doc["weights"])))
         return ClientModel(adapter.model.eval(), _prompter(tokenizer, doc), name)
-    if doc.get("adapters", ["default"]) != ["default"]:
-        raise ExportError(
-            f"{folder} holds the adapters {doc['adapters']}, mixed per prompt: load them with "
-            f"PEFT as its {README} shows"
-        )
+    adapters = doc.get("adapters", ["default"])
     base, tokenizer = build_base_model(cfg)
-    model = PeftModel.from_pretrained(base, folder).eval()
-    return ClientModel(model, _prompter(tokenizer, doc), name)
+    if adapters == ["default"]:
+        model = PeftModel.from_pretrained(base, folder).eval()
+        return ClientModel(model, _prompter(tokenizer, doc), name)
+    weights = _fixed_weights(folder)
+    model = PeftModel.from_pretrained(base, folder / adapters[0], adapter_name=adapters[0])
+    for adapter in adapters[1:]:
+        model.load_adapter(folder / adapter, adapter_name=adapter)
+    handle = LoraHandle(model.eval(), tuple(adapters))
+
+    def at_fixed_weights(examples: list[Example]) -> list[AnswerGroup]:
+        return [(handle.mixing(weights), list(range(len(examples))))]
+
+    return ClientModel(model, _prompter(tokenizer, doc), name, at_fixed_weights)
+
+
+def _fixed_weights(folder: Path) -> dict[str, float]:
+    """The adapters' fixed weights from ``mixing.json``; a per-prompt mix cannot load alone."""
+    path = folder / MIXING_FILE
+    mixing = json.loads(path.read_text()) if path.is_file() else {}
+    weights = mixing.get(ADAPTER_WEIGHTS_KEY)
+    if not isinstance(weights, dict):
+        raise ExportError(
+            f"{folder} holds adapters mixed per prompt ({mixing.get('rule', 'see ' + README)}): "
+            f"load them with PEFT as its {README} shows"
+        )
+    return {str(name): float(weight) for name, weight in weights.items()}
 
 
 def _prompter(tokenizer: PreTrainedTokenizerBase, doc: dict) -> Prompter:

@@ -1,9 +1,12 @@
 """A client's personalised model, for every method, ready to answer prompts.
 
 ``load_client_model(run_dir, client_id)`` rebuilds the model a finished run saved in
-``clients/<id>/`` (FedAMoLE's experts, or a baseline's PEFT LoRA adapters) as a
-:class:`ClientModel`; :func:`fedamole.export.load_pretrained` gives the same from an exported
-folder. ``fedamole generate`` is the command-line face of :meth:`ClientModel.generate`.
+``clients/<id>/`` as a :class:`ClientModel`: the run's method restores it
+(:meth:`~fedamole.federation.method.FederatedMethod.restore`) and says how it answers
+(:meth:`~fedamole.federation.method.FederatedMethod.answer_groups`, the rule its evaluation used),
+so the model served is the model evaluated, for every method. :func:`fedamole.serving.export.
+load_pretrained` gives the same from an exported folder. ``fedamole generate`` is the
+command-line face of :meth:`ClientModel.generate`.
 
 This module is the one place where a request becomes model text (:func:`prompt_text`) and where
 answers are generated (:meth:`ClientModel.generate`).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +30,21 @@ from fedamole.config import Config, ConfigError
 from fedamole.data.example import UNLABELLED, DataError, Example
 from fedamole.data.pipeline import ClientDataset, encode_client, prepare_client_splits
 from fedamole.data.prompts import Prompter, build_prompter
+from fedamole.data.splits import ClientSplits
 from fedamole.evaluation import generate
-from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
-from fedamole.hmole import HMoLEAdapter
-from fedamole.methods import FedAMoLE, FedDPA, LoraMethod, get_method
-from fedamole.methods.feddpa import GLOBAL, LOCAL, local_weights
-from fedamole.methods.lora import LoraHandle
+from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod
+from fedamole.methods import get_method
 from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, RunDir, RunDirError
-from fedamole.transports.flower.settings import STATE_DIR
+from fedamole.transports.flower.node_config import MODEL_FOLDER, STATE_DIR, node_client_folder
 from fedamole.types import StateDict
 
-# Per example, the context under which the model answers it (FedDPA: its adapter mix).
-Mixing = Callable[[list[Example]], list[AbstractContextManager]]
+# How a client's model answers examples: index groups, each under one context (its method's rule).
+AnswerRule = Callable[[list[Example]], list[AnswerGroup]]
+
+
+def all_at_once(examples: list[Example]) -> list[AnswerGroup]:
+    """A model that answers every prompt as it is (an exported single-adapter model)."""
+    return [(nullcontext(), list(range(len(examples))))]
 
 
 def request_examples(
@@ -95,15 +101,14 @@ def _prompt_row(path: Path, line_no: int, line: str) -> tuple[str, str]:
 @dataclass
 class ClientModel:
     """One client's personalised model: ``model`` is a ``transformers`` model (a ``PeftModel``
-    for the LoRA baselines) in eval mode with the client's adapters in it, ``prompter`` the
-    prompt format it was trained with (and its tokenizer). ``mixing`` (FedDPA only) sets each
-    prompt's adapter weights, which :meth:`generate` applies: FedDPA's ``model`` alone is not its
-    personalised model, every other method's is."""
+    for the PEFT baselines) in eval mode with the client's adapters in it, ``prompter`` the
+    prompt format it was trained with (and its tokenizer), ``answer_rule`` how its method answers
+    (a mix of adapters, FedDPA's per-prompt weights), which :meth:`generate` applies."""
 
     model: nn.Module
     prompter: Prompter
     name: str
-    mixing: Mixing | None = None
+    answer_rule: AnswerRule = all_at_once
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -127,16 +132,15 @@ class ClientModel:
         if seed is not None:
             torch.manual_seed(seed)
         options = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
-        if self.mixing is None:
-            return generate(
-                self.model, self.prompter, examples, max_new_tokens, batch_size, **options
-            )
-        answers: list[str] = []
-        for example, context in zip(examples, self.mixing(examples), strict=True):
+        answers = [""] * len(examples)
+        for context, members in self.answer_rule(examples):
+            group = [examples[i] for i in members]
             with context:
-                answers += generate(
-                    self.model, self.prompter, [example], max_new_tokens, 1, **options
+                texts = generate(
+                    self.model, self.prompter, group, max_new_tokens, batch_size, **options
                 )
+            for i, text in zip(members, texts, strict=True):
+                answers[i] = text
         return answers
 
 
@@ -186,8 +190,6 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
             f"{', '.join(map(str, saved)) or 'none'}; a client's model is saved when it takes "
             "part in the last round)"
         )
-    if not isinstance(method, FedAMoLE | LoraMethod):
-        raise RunDirError(f"run {run.path}: loading {method.name!r} client models is not supported")
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise RunDirError(_kept_on_node(run, client_id, method))
     cfg = method.configure(run.config())
@@ -200,27 +202,27 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
 
 
 def _kept_on_node(run: RunDir, client_id: int, method: FederatedMethod) -> str:
+    where = node_client_folder(Path("<state-dir>"), run.run_id, client_id) / MODEL_FOLDER
     return (
         f"client {client_id} of run {run.path} ({method.name}) kept its model on its own Flower "
         f"node: it holds tensors that never leave the organisation. On that node it is in "
-        f"<state-dir>/{run.run_id}/client{client_id}/model/ (node config `{STATE_DIR}`, default "
-        f"$FEDAMOLE_CACHE/nodes, i.e. ~/.cache/fedamole/nodes); copy its {ADAPTER_WEIGHTS} into "
+        f"{where}/ (node config `{STATE_DIR}`, default $FEDAMOLE_CACHE/nodes, i.e. "
+        f"~/.cache/fedamole/nodes); copy its {ADAPTER_WEIGHTS} into "
         f"{run.client_folder(client_id)}/ to load it from this run"
     )
 
 
-def rebuild(saved: SavedClient) -> tuple[ModelHandle, Prompter]:
-    """The method's model with the client's saved weights loaded, in eval mode, and the prompt
-    format it was trained with."""
+def rebuild(saved: SavedClient) -> ClientRuntime:
+    """The client as its method restores it: the method's model with the client's saved
+    personalised model in it, in eval mode, on the client's data when answering needs it (else
+    on empty splits: nothing else reads them)."""
     handle, tokenizer = saved.method.build(saved.cfg)
-    weights = saved.weights()
-    if isinstance(handle, HMoLEAdapter):
-        handle.set_architecture(saved.doc["architecture"])
-        handle.load_state(weights)
-    else:
-        handle.load(weights)
+    prompter = build_prompter(tokenizer, saved.cfg.data.prompt_format)
+    data = client_data(saved, prompter) if saved.method.serves_from_client_data else None
+    runtime = saved.method.runtime(handle, tokenizer, saved.cfg, data or no_data(saved, prompter))
+    saved.method.restore(runtime, saved.weights(), saved.doc)
     handle.model.eval()
-    return handle, build_prompter(tokenizer, saved.cfg.data.prompt_format)
+    return runtime
 
 
 def client_data(saved: SavedClient, prompter: Prompter) -> ClientDataset:
@@ -229,27 +231,21 @@ def client_data(saved: SavedClient, prompter: Prompter) -> ClientDataset:
     return encode_client(saved.client_id, splits, prompter, saved.cfg.model.max_length)
 
 
-def client_runtime(saved: SavedClient, handle: ModelHandle, prompter: Prompter) -> ClientRuntime:
-    """The client as its method sees it (rebuilt data), for rules that need its own examples."""
-    data = client_data(saved, prompter)
-    return saved.method.runtime(handle, prompter.tokenizer, saved.cfg, data)
+def no_data(saved: SavedClient, prompter: Prompter) -> ClientDataset:
+    """A client with no examples, for methods whose answers need none of its data."""
+    empty = ClientSplits(train=[], aux=[], val=[], test=[])
+    return ClientDataset(saved.client_id, empty, [], [], prompter, classification=False)
 
 
-def feddpa_mixing(saved: SavedClient, handle: LoraHandle, prompter: Prompter) -> Mixing:
-    """FedDPA's instance-wise mix: global at 1 - a(x), local at a(x), from the client's anchors."""
-    runtime = client_runtime(saved, handle, prompter)
+def client_model(saved: SavedClient, runtime: ClientRuntime) -> ClientModel:
+    def answer_rule(examples: list[Example]) -> list[AnswerGroup]:
+        return saved.method.answer_groups(runtime, examples)
 
-    def mixing(examples: list[Example]) -> list[AbstractContextManager]:
-        weights = local_weights(runtime, examples).tolist()
-        return [handle.mixing({GLOBAL: 1 - a, LOCAL: a}) for a in weights]
-
-    return mixing
+    return ClientModel(runtime.handle.model, runtime.data.prompter, saved.name, answer_rule)
 
 
 def load_client_model(run_dir: Path, client_id: int, device: str | None = None) -> ClientModel:
     """Rebuild ``client_id``'s personalised model from a finished run (any method); ``device``
     overrides the run's ``model.device`` (e.g. ``"cpu"``)."""
     saved = open_saved_client(run_dir, client_id, device)
-    handle, prompter = rebuild(saved)
-    mixing = feddpa_mixing(saved, handle, prompter) if isinstance(saved.method, FedDPA) else None
-    return ClientModel(handle.model, prompter, saved.name, mixing)
+    return client_model(saved, rebuild(saved))

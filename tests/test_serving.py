@@ -1,0 +1,123 @@
+"""The model a client is served is the model it was evaluated with, for every method: a tiny
+one-round run per method, its client model loaded back (from the run and from an export) and
+scored on the client's test split, against the per-example scores the run recorded."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_run import TINY_RUN
+
+import fedamole
+from fedamole.config import load_config
+from fedamole.data.pipeline import prepare_client_splits
+from fedamole.evaluation import exact_match_scores, fitting_indices, rouge_l_scores
+from fedamole.methods import METHODS
+from fedamole.methods.fdlora import FUSION_KEY, GLOBAL, PERSONAL
+from fedamole.methods.lora import LoraHandle
+from fedamole.reporting import RunDir
+from fedamole.serving import ClientModel, export_client, load_client_model
+from fedamole.serving.export import ExportError
+from fedamole.serving.personalised import request_examples
+from fedamole.transports.in_process import run_simulation
+
+TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.02", "eval.max_new_tokens=4"]
+CLIENT = 1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("served")
+    out = {}
+    for method in METHODS:
+        out[method] = root / method
+        run_simulation(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
+    return out
+
+
+def recorded_test_scores(run: Path, client: int) -> dict[str, list[float]]:
+    """The per-example test scores the run recorded for ``client`` in its last round."""
+    rows = [
+        r
+        for r in RunDir(run).read_example_scores()
+        if r["client"] == client and r["split"] == "test"
+    ]
+    last = max(rows, key=lambda r: r["round"])
+    return {k: v for k, v in last.items() if k not in ("round", "client", "split")}
+
+
+def served_test_scores(model: ClientModel, run: Path, client: int) -> dict[str, list[float]]:
+    """The served model's answers to the client's test prompts, scored as evaluation scores."""
+    cfg = load_config(run / "config.yaml")
+    test = prepare_client_splits(cfg)[client].splits.test
+    kept = [test[i] for i in fitting_indices(model.prompter, test, cfg.model.max_length)]
+    answers = model.generate(
+        [ex.instruction for ex in kept],
+        [ex.input for ex in kept],
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+    )
+    references = [ex.output for ex in kept]
+    return {
+        "rougeL": rouge_l_scores(answers, references),
+        "exact_match": exact_match_scores(answers, references),
+    }
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_loaded_and_exported_models_reproduce_the_recorded_evaluation(runs, method, tmp_path):
+    recorded = recorded_test_scores(runs[method], CLIENT)
+    assert recorded["rougeL"], "the tiny run scored no test examples"
+
+    from_run = load_client_model(runs[method], CLIENT, device="cpu")
+    assert served_test_scores(from_run, runs[method], CLIENT) == recorded
+
+    folder = export_client(runs[method], CLIENT, tmp_path / "export").folder
+    if method == "feddpa":  # mixed per prompt: its README's PEFT recipe (tests/test_export.py)
+        with pytest.raises(ExportError, match="mixed per prompt"):
+            fedamole.load_pretrained(folder, device="cpu")
+        return
+    exported = fedamole.load_pretrained(folder, device="cpu")
+    assert served_test_scores(exported, runs[method], CLIENT) == recorded
+
+
+PROMPT = request_examples(["Sort these words: pear apple fig"])
+
+
+def next_token_logits(model: ClientModel, context: AbstractContextManager) -> torch.Tensor:
+    ids = torch.tensor([model.prompter.prompt_ids(PROMPT[0])])
+    with context, torch.no_grad():
+        return model.model(input_ids=ids).logits[0, -1]
+
+
+def test_fdlora_serves_its_fused_model_not_the_global_lora(runs, tmp_path):
+    """The review's case: fusion weights [0, 1] (the personal LoRA alone) must serve the
+    personal LoRA, not the global one."""
+    run = Path(shutil.copytree(runs["fdlora"], tmp_path / "fdlora"))
+    weights_file = run / "clients" / str(CLIENT) / "adapter.safetensors"
+    state = load_file(str(weights_file))
+    personal_only = state | {FUSION_KEY: torch.tensor([0.0, 1.0])}
+    for key in [k for k in state if k.startswith(f"{GLOBAL}/") and "lora_B" in k]:
+        personal_only[key] = torch.full_like(state[key], 0.5)  # the two LoRAs differ clearly
+    save_file(personal_only, str(weights_file))
+
+    client = load_client_model(run, CLIENT, device="cpu")
+    ((served_context, _),) = client.answer_rule(PROMPT)
+    served = next_token_logits(client, served_context)
+    handle = LoraHandle(client.model, (GLOBAL, PERSONAL))
+    personal = next_token_logits(client, handle.mixing({PERSONAL: 1.0}))
+    global_only = next_token_logits(client, handle.mixing({GLOBAL: 1.0}))
+    torch.testing.assert_close(served, personal)
+    assert (served - global_only).abs().max() > 1e-3
+
+
+def test_importing_the_serving_package_does_not_import_flower():
+    code = "import sys, fedamole.serving; sys.exit(any(m.split('.')[0] == 'flwr' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
