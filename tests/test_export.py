@@ -313,3 +313,15 @@ def test_mean_routing_weights_count_only_real_tokens(runs):
         assert list(weights) == adapter.architecture[module]
         assert weights == pytest.approx(padded[module], abs=1e-6)
         assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_generate_with_the_base_model_answers_without_adapters(runs):
+    rows = answers_of(
+        invoke("generate", "--run", runs["fedit"], "--base", "--max-new-tokens", 5, PROMPTS[0])
+    )
+    base, tokenizer = load_base_model("tiny-random-llama")
+    prompter = build_prompter(tokenizer, "auto")
+    expected = fedamole.ClientModel(base, prompter, "base").generate(PROMPTS[:1], max_new_tokens=5)
+    assert rows == [
+        {"client": "base", "instruction": PROMPTS[0], "input": "", "output": expected[0]}
+    ]

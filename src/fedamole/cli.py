@@ -177,11 +177,22 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="makes sampled answers repeatable")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together")] = 8,
     device: DeviceOpt = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base", help="answer with the run's frozen base model instead (no adapters)"
+        ),
+    ] = False,
 ) -> None:
-    """Answer prompts with one client's personalised model (any method); one JSON line each."""
+    """Answer prompts with one client's personalised model (any method), or with the run's base
+    model (--base) to see what fine-tuning changed; one JSON line each."""
     import json
 
-    from fedamole.serving.personalised import load_client_model, read_prompt_file
+    from fedamole.serving.personalised import (
+        load_base_model_of,
+        load_client_model,
+        read_prompt_file,
+    )
 
     # No rich log handler here: stdout carries only the answers (warnings go to stderr).
     if (prompt is None) == (input_file is None):
@@ -194,7 +205,11 @@ def generate(
         )
     with _user_errors():
         instructions, inputs = read_prompt_file(input_file) if input_file else ([prompt], [input_])
-        model = load_client_model(run_dir, client, device)
+        model = (
+            load_base_model_of(run_dir, device)
+            if base
+            else load_client_model(run_dir, client, device)
+        )
         answers = model.generate(
             instructions,
             inputs,
@@ -206,7 +221,9 @@ def generate(
             batch_size=batch_size,
         )
     lines = [
-        json.dumps({"client": client, "instruction": i, "input": x, "output": a})
+        json.dumps(
+            {"client": "base" if base else client, "instruction": i, "input": x, "output": a}
+        )
         for i, x, a in zip(instructions, inputs, answers, strict=True)
     ]
     if output is None:

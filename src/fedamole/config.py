@@ -255,6 +255,11 @@ class BaselinesConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
+    base_model: bool = Field(
+        False,
+        description="also score the frozen base model (no adapter) on every client's test split "
+        "and show it beside the personalised scores (in-process runs)",
+    )
 
 
 class OutputConfig(_Section):

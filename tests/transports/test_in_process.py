@@ -187,3 +187,21 @@ def test_resumed_sampled_run_replays_the_same_samples(tmp_path):
         assert (out / "assignments" / name).read_text() == (
             tmp_path / "reference" / "assignments" / name
         ).read_text()
+
+
+def test_the_base_model_is_scored_beside_the_personalised_one(tmp_path):
+    """With a learning rate too small to move the adapter, the personalised model is the base
+    model: its scores must equal the base model's, client by client."""
+    still = ["eval.base_model=true", "optim.lr=1e-12", "federation.rounds=1"]
+    summary = run_simulation(tiny_config(tmp_path / "still", *still), method="fedit-ft")
+    metric = summary["metric"]
+    base = summary["base_model"]
+    assert set(base) == set(summary["per_client"]) == {"0", "1", "2"}
+    for cid, values in summary["per_client"].items():
+        assert base[cid][metric] == values["selected"][metric]
+        assert base[cid]["num_examples"] == values["selected"]["num_examples"]
+    saved = json.loads((tmp_path / "still" / "summary.json").read_text())
+    assert saved["base_model"] == base
+    assert "base_model" not in run_simulation(
+        tiny_config(tmp_path / "plain", "federation.rounds=1")
+    )

@@ -88,6 +88,9 @@ class Engine:
     transport: Transport
     run_dir: RunDir
     console: Console = field(default_factory=Console)
+    # The frozen base model's test metrics per client (``eval.base_model``), shown beside the
+    # personalised ones in the summary; {} when not measured.
+    base_scores: dict[int, Metrics] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list, init=False)
     example_scores: list[Record] = field(default_factory=list, init=False)
 
@@ -110,6 +113,8 @@ class Engine:
             checkpoint = Checkpoint(state, self.transport.client_states(), elapsed())
             self.run_dir.save_checkpoint(checkpoint)
         summary = {"method": self.method.name, **summarise(self.records, elapsed())}
+        if self.base_scores:
+            summary["base_model"] = {str(c): m for c, m in sorted(self.base_scores.items())}
         self.run_dir.write_summary(summary)
         self.run_dir.finish_tracking()
         self.run_dir.write_plots(self.records, self.run_dir.latest_architectures())
@@ -237,22 +242,24 @@ def round_table(round_idx: int, metrics: dict[int, Metrics]) -> Table:
 
 def summary_table(summary: dict[str, Any]) -> Table:
     metric = summary["metric"]
+    base = summary.get("base_model", {})
     table = Table(title=f"final per-client test {metric} (last round / validation-selected round)")
-    for column in ("client", "last", "selected", "selected round"):
+    columns = ["client", "last", "selected", "selected round"]
+    for column in columns + (["base model", "selected - base"] if base else []):
         table.add_column(column, justify="right")
     for cid, values in summary["per_client"].items():
-        table.add_row(
-            cid,
-            f"{values['last'][metric]:.4f}",
-            f"{values['selected'][metric]:.4f}",
-            str(values["selected"]["round"]),
-        )
-    table.add_row(
-        "mean",
-        f"{summary['mean']['last'][metric]:.4f}",
-        f"{summary['mean']['selected'][metric]:.4f}",
-        "",
-    )
+        selected = values["selected"][metric]
+        cells = [cid, f"{values['last'][metric]:.4f}", f"{selected:.4f}"]
+        cells.append(str(values["selected"]["round"]))
+        if base:
+            cells += [f"{base[cid][metric]:.4f}", f"{selected - base[cid][metric]:+.4f}"]
+        table.add_row(*cells)
+    mean = summary["mean"]["selected"][metric]
+    cells = ["mean", f"{summary['mean']['last'][metric]:.4f}", f"{mean:.4f}", ""]
+    if base:
+        base_mean = sum(b[metric] for b in base.values()) / len(base)
+        cells += [f"{base_mean:.4f}", f"{mean - base_mean:+.4f}"]
+    table.add_row(*cells)
     best = summary["best_round"]
     table.add_row(f"best mean-val round {best['round']}", "", f"{best[metric]:.4f}", "")
     return table

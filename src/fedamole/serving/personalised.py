@@ -32,9 +32,14 @@ from fedamole.data.pipeline import ClientDataset, encode_client, prepare_client_
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.data.splits import ClientSplits
 from fedamole.evaluation import generate
-from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod
+from fedamole.federation.method import (
+    AnswerGroup,
+    ClientRuntime,
+    FederatedMethod,
+    build_base_model,
+)
 from fedamole.methods import get_method
-from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, RunDir, RunDirError
+from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, CONFIG_FILE, RunDir, RunDirError
 from fedamole.transports.flower.node_config import MODEL_FOLDER, STATE_DIR, node_client_folder
 from fedamole.types import StateDict
 
@@ -192,13 +197,29 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
         )
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise RunDirError(_kept_on_node(run, client_id, method))
-    cfg = method.configure(run.config())
+    cfg = _on_device(method.configure(run.config()), device)
+    return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
+
+
+def _on_device(cfg: Config, device: str | None) -> Config:
     if device is not None:
         try:
             cfg.model.device = device
         except ValidationError:
             raise ConfigError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
-    return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
+    return cfg
+
+
+def load_base_model_of(run_dir: Path, device: str | None = None) -> ClientModel:
+    """The run's frozen base model without any adapter, prompted in the run's format: what a
+    client's model answers differently is what its fine-tuning changed."""
+    run = RunDir(Path(run_dir))
+    if not (run.path / CONFIG_FILE).is_file():
+        raise RunDirError(f"--run {run.path}: not a run directory (no {CONFIG_FILE})")
+    cfg = _on_device(run.config(), device)
+    model, tokenizer = build_base_model(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
+    return ClientModel(model.eval(), prompter, f"base model {cfg.model.name} of {run.path}")
 
 
 def _kept_on_node(run: RunDir, client_id: int, method: FederatedMethod) -> str:

@@ -17,13 +17,25 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from torch import nn
 
 from fedamole.config import Config
+from fedamole.data.pipeline import TaskSplits
+from fedamole.data.prompts import Prompter, build_prompter
+from fedamole.device import autocast, model_device
+from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.engine import Engine
-from fedamole.federation.method import ClientRuntime, FederatedMethod
+from fedamole.federation.method import ClientRuntime, FederatedMethod, build_base_model
 from fedamole.federation.setup import build_clients, open_run
-from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, StateDict
+from fedamole.types import (
+    ClientEvaluation,
+    ClientPayload,
+    ClientUpdate,
+    Metrics,
+    StateDict,
+    of_split,
+)
 
 
 class InProcessTransport:
@@ -76,6 +88,32 @@ class InProcessTransport:
                 runtime.private = states[c]
 
 
+def base_model_scores(cfg: Config, splits: list[TaskSplits]) -> dict[int, Metrics]:
+    """The frozen base model (no adapter) on every client's test split, in the run's prompt
+    format: the reference a personalised model must beat. Built and freed before the run's
+    model, so peak memory does not grow."""
+    model, tokenizer = build_base_model(cfg)
+    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
+    with autocast(model_device(model), cfg.optim.mixed_precision):
+        return {
+            c: of_split(split_metrics({"test": _test_scores(model, prompter, cfg, task)}), "test")
+            for c, task in enumerate(splits)
+        }
+
+
+def _test_scores(
+    model: nn.Module, prompter: Prompter, cfg: Config, task: TaskSplits
+) -> SplitScores:
+    return evaluate_examples(
+        model,
+        prompter,
+        task.splits.test,
+        cfg.eval,
+        cfg.model.max_length,
+        classification=task.classification,
+    )
+
+
 @contextmanager
 def _progress(console: Console) -> Iterator[Progress]:
     with Progress(
@@ -100,9 +138,10 @@ def run_simulation(
     (device, settings, run directory, data) runs before the model loads."""
     console = console or Console()
     setup = open_run(cfg, method, resume, with_data=True)
+    base = base_model_scores(setup.cfg, setup.splits or []) if setup.cfg.eval.base_model else {}
     handle, clients = build_clients(setup)
     cfg, method = setup.cfg, setup.method
     with _progress(console) as progress:
         transport = InProcessTransport(method, clients, progress)
-        engine = Engine(cfg, method, transport, setup.run_dir, progress.console)
+        engine = Engine(cfg, method, transport, setup.run_dir, progress.console, base)
         return engine.run(lambda first: method.init_state(cfg, handle, first), resume)
