@@ -46,6 +46,8 @@ set DATA to the folder holding natural_instructions/ (on the GPU machine: source
 DATA=$(cd "$DATA" && pwd)
 "$PY" -c "import fedamole" 2>/dev/null || die "$PY cannot import fedamole: run from a checkout with \
 PYTHONPATH=src (on the GPU machine: source .gpu-stage/env.sh 3), or set PYTHON to an environment that has it"
+[[ $SMOKE == 1 ]] || "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || die "no CUDA \
+device visible to $PY: run on a GPU machine, or SMOKE=1 for the same pipeline on the CPU"
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || die "cannot create OUT=$OUT"
 STAGES=$OUT/stages.tsv
 : > "$STAGES"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fedamole", "fedamole-r", "fedit-ft", "local"]
@@ -91,3 +92,10 @@ def test_missing_data_names_the_folder_and_the_setting(tmp_path):
     assert result.returncode == 2
     assert f"no Natural Instructions sample at {tmp_path / 'nowhere'}" in result.stderr
     assert "set DATA" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the suite would run in full")
+def test_without_cuda_the_full_suite_says_to_use_smoke(tmp_path, shared_data):
+    result = run_suite(tmp_path / "out", shared_data, SMOKE="0")
+    assert result.returncode == 2 and "no CUDA device visible" in result.stderr
+    assert "SMOKE=1" in result.stderr and not (tmp_path / "out").exists()
