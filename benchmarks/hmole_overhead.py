@@ -14,7 +14,8 @@ default, gradient clipping, lambda_lb for HMoLE's load-balancing loss). Prints
       peak above what was allocated before the step; CPU: the tensors saved for backward,
       parameters excluded, each storage counted once),
 
-and, as its last line, `hmole/lora step time ratio: X.XX`.
+and, as its last line, `hmole/lora step time ratio: X.XX`. `--json PATH` also writes these
+figures (machine, settings, per method, ratios) as JSON, for benchmarks/gpu_suite.sh.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import peft
 import torch
@@ -43,6 +46,7 @@ from fedamole.models import DEFAULT_MODEL, TINY_MODEL, load_base_model, model_ca
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 16, 32, 32
 Batch = dict[str, Tensor]
+Figures = dict[str, float]  # one method's medians, op counts and bytes
 
 
 @dataclass
@@ -72,6 +76,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="build the model from its config without loading weights (timing needs none)",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args()
 
 
@@ -252,7 +257,7 @@ def describe_machine(device: torch.device) -> str:
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     )
     return (
-        f"machine: {platform.platform()}; {device} ({where}); torch {torch.__version__}, "
+        f"{platform.platform()}; {device} ({where}); torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}"
     )
 
@@ -302,27 +307,80 @@ def main() -> None:
             if i > 0:
                 gen_times[method.name].append(elapsed)
 
-    print(describe_machine(device))
-    print(
-        f"settings: model={args.model}{' (random weights)' if args.random_weights else ''} "
+    per_method = method_figures(times, cpu_times, gen_times, ops, memory)
+    ratios = hmole_lora_ratios(per_method["hmole"], per_method["lora"])
+    settings = (
+        f"model={args.model}{' (random weights)' if args.random_weights else ''} "
         f"dtype={args.dtype} mixed-precision={args.mixed_precision} "
         f"batch={args.batch}x{args.seq} r={hmole.rank} targets={','.join(hmole.target_modules)} "
         f"experts={args.experts} top_k={hmole.top_k} dropout={hmole.dropout} "
         f"Adam lr={optim.lr} grad_clip={optim.grad_clip} steps={args.steps} (+{args.warmup} warm-up)"
     )
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
-    gen_medians = {name: statistics.median(t) for name, t in gen_times.items()}
-    for name in times:
-        t, c = times[name], ops[name]
-        params_bytes, step_bytes = memory[name]
+    print_report(describe_machine(device), settings, per_method, ratios, device)
+    if args.json:
+        doc = {
+            "machine": describe_machine(device),
+            "settings": settings,
+            "methods": per_method,
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(doc, indent=2))
+
+
+def method_figures(
+    times: dict[str, list[float]],
+    cpu_times: dict[str, list[float]],
+    gen_times: dict[str, list[float]],
+    ops: dict[str, OpCounter],
+    memory: dict[str, tuple[int, int]],
+) -> dict[str, Figures]:
+    """Per method: median step and generation times, aten ops per step, memory."""
+    return {
+        name: {
+            "step_ms": statistics.median(times[name]) * 1000,
+            "step_min_ms": min(times[name]) * 1000,
+            "step_max_ms": max(times[name]) * 1000,
+            "step_cpu_ms": statistics.median(cpu_times[name]) * 1000,
+            "generation_s": statistics.median(gen_times[name]),
+            "aten_ops": ops[name].total,
+            "non_view_ops": ops[name].total - ops[name].views,
+            "params_adam_bytes": memory[name][0],
+            "step_peak_bytes": memory[name][1],
+        }
+        for name in times
+    }
+
+
+def hmole_lora_ratios(h: Figures, lo: Figures) -> dict[str, float]:
+    return {
+        "aten_ops": h["aten_ops"] / lo["aten_ops"],
+        "non_view_ops": h["non_view_ops"] / lo["non_view_ops"],
+        "memory": (h["params_adam_bytes"] + h["step_peak_bytes"])
+        / (lo["params_adam_bytes"] + lo["step_peak_bytes"]),
+        "step_cpu_time": h["step_cpu_ms"] / lo["step_cpu_ms"],
+        "generation_time": h["generation_s"] / lo["generation_s"],
+        "step_time": h["step_ms"] / lo["step_ms"],
+    }
+
+
+def print_report(
+    machine: str,
+    settings: str,
+    per_method: dict[str, Figures],
+    ratios: dict[str, float],
+    device: torch.device,
+) -> None:
+    print(f"machine: {machine}")
+    print(f"settings: {settings}")
+    for name, m in per_method.items():
         print(
-            f"{name:>5}: step median {medians[name] * 1000:.0f} ms "
-            f"(min {min(t) * 1000:.0f}, max {max(t) * 1000:.0f}; "
-            f"process CPU time {cpu_medians[name] * 1000:.0f}); "
-            f"generation {gen_medians[name]:.2f} s; "
-            f"aten ops/step {c.total} ({c.total - c.views} non-view); "
-            f"memory: params+Adam {mib(params_bytes)}, step peak {mib(step_bytes)}"
+            f"{name:>5}: step median {m['step_ms']:.0f} ms "
+            f"(min {m['step_min_ms']:.0f}, max {m['step_max_ms']:.0f}; "
+            f"process CPU time {m['step_cpu_ms']:.0f}); "
+            f"generation {m['generation_s']:.2f} s; "
+            f"aten ops/step {m['aten_ops']} ({m['non_view_ops']} non-view); "
+            f"memory: params+Adam {mib(m['params_adam_bytes'])}, "
+            f"step peak {mib(m['step_peak_bytes'])}"
         )
     memory_kind = (
         "CUDA allocator peak above the memory allocated before the step"
@@ -330,18 +388,15 @@ def main() -> None:
         else "tensors saved for backward (activations), parameters excluded"
     )
     print(f"step peak memory = {memory_kind}")
-    h, lo = ops["hmole"], ops["lora"]
+    r = ratios
     print(
-        f"hmole/lora aten ops per step ratio: {h.total / lo.total:.2f} "
-        f"(non-view: {(h.total - h.views) / (lo.total - lo.views):.2f})"
+        f"hmole/lora aten ops per step ratio: {r['aten_ops']:.2f} "
+        f"(non-view: {r['non_view_ops']:.2f})"
     )
-    hm, lm = memory["hmole"], memory["lora"]
-    print(f"hmole/lora memory ratio (params+Adam+step peak): {sum(hm) / sum(lm):.2f}")
-    print(
-        f"hmole/lora step process-CPU-time ratio: {cpu_medians['hmole'] / cpu_medians['lora']:.2f}"
-    )
-    print(f"hmole/lora generation time ratio: {gen_medians['hmole'] / gen_medians['lora']:.2f}")
-    print(f"hmole/lora step time ratio: {medians['hmole'] / medians['lora']:.2f}")
+    print(f"hmole/lora memory ratio (params+Adam+step peak): {r['memory']:.2f}")
+    print(f"hmole/lora step process-CPU-time ratio: {r['step_cpu_time']:.2f}")
+    print(f"hmole/lora generation time ratio: {r['generation_time']:.2f}")
+    print(f"hmole/lora step time ratio: {r['step_time']:.2f}")
 
 
 if __name__ == "__main__":
