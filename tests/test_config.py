@@ -105,3 +105,7 @@ def test_own_data_settings_parse():
         load_config(None, ["data.columns.question=q"])
     with pytest.raises(ConfigError, match="data.format"):
         load_config(None, ["data.format=sharegpt"])
+
+
+def test_a_bare_no_for_mixed_precision_is_the_string_no():
+    assert load_config(None, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"

@@ -200,6 +200,12 @@ class OptimConfig(_Section):
         "no", description="torch.autocast for forward passes (training and evaluation)"
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        """YAML reads a bare ``no`` (``--set optim.mixed_precision=no``) as false."""
+        return "no" if value is False else value
+
 
 class BaselinesConfig(_Section):
     """Settings of the prompt-learning baselines and FDLoRA that FedAMoLE's own sections do not
