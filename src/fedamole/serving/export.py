@@ -521,7 +521,7 @@ def _hmole_readme(saved: SavedClient) -> str:
 import fedamole
 
 client = fedamole.load_pretrained(".")   # this folder; a ClientModel
-client.generate(["What is 12 plus 30?"])
+client.generate(["Sort these words alphabetically: pear apple fig"])
 client.model, client.tokenizer           # the transformers model (eval mode) and its tokenizer
 ```
 
