@@ -161,8 +161,13 @@ class FederationConfig(_Section):
 
 
 class RSEAConfig(_Section):
-    mode: Literal["rsea", "random", "homogeneous"] = Field(
-        "rsea", description="rsea = FedAMoLE; random = FedAMoLE-R; homogeneous = FedAMoLE-H"
+    mode: Literal["rsea", "random", "homogeneous", "continuity"] = Field(
+        "rsea",
+        description=(
+            "rsea = FedAMoLE; random = FedAMoLE-R; homogeneous = FedAMoLE-H; continuity = "
+            "FedAMoLE-C (RSEA whose objective favours an expert's current holders by one "
+            "standard deviation of its scores)"
+        ),
     )
     clients_per_expert: int = Field(2, ge=1, description="k_c")
     min_experts: int | None = Field(None, ge=1, description="k_min; None = hmole.top_k")

@@ -14,7 +14,9 @@ from fedamole.data.pipeline import encode_client, prepare_client_splits
 from fedamole.data.prompts import build_prompter
 from fedamole.federation.method import ClientRuntime, FederatedMethod, score_split
 from fedamole.methods import get_method
+from fedamole.methods.fedamole import rsea_architectures
 from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, local_weights
+from fedamole.rsea.scoring import held_mask
 from fedamole.types import ClientUpdate, Metrics, ServerState, payload_nbytes, update_nbytes
 
 TINY = [*TINY_RUN, "federation.num_clients=3", "federation.rounds=3", "hmole.num_experts=6"]
@@ -167,6 +169,30 @@ def test_fedamole_h_gives_every_client_the_same_expert_count():
         per_module = {tuple(len(arch[m]) for m in arch) for arch in archs}
         assert len(counts) == 1 and len(per_module) == 1
         fed.play()
+
+
+def test_fedamole_c_keeps_more_of_its_holders_than_rsea_from_the_same_round():
+    """From the same uploads, the continuity objective keeps at least as much of this round's
+    assignment (weighted by each expert's score spread) as plain RSEA, which the optimality of
+    both assignments implies; the method runs it when rsea.mode is continuity."""
+    fed = federation("fedamole-c")
+    assert fed.cfg.rsea.mode == "continuity"
+    before, modules = fed.state.architectures, list(next(iter(fed.state.architectures.values())))
+    embeddings = {u.client_id: u.embeddings for u in fed.play()}
+    clients = sorted(before)
+    args = (modules, clients, embeddings, fed.cfg.hmole.rank, before)
+    sticky, scores = rsea_architectures(fed.cfg, *args)
+    plain, _ = rsea_architectures(
+        fed.cfg.model_copy(update={"rsea": fed.cfg.rsea.model_copy(update={"mode": "rsea"})}), *args
+    )
+    assert fed.state.architectures == sticky
+    held = held_mask(modules, fed.cfg.hmole.num_experts, clients, before)
+    weight = scores.std(axis=-1, keepdims=True) * held
+
+    def kept(archs):
+        return (weight * held_mask(modules, fed.cfg.hmole.num_experts, clients, archs)).sum()
+
+    assert kept(sticky) >= kept(plain) - 1e-12
 
 
 @pytest.mark.parametrize("name", ["ffa-lora", "feddpa", "fedit"])

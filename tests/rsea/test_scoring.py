@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedamole.rsea.diagnostics import holder_preference
-from fedamole.rsea.scoring import expert_preferences
+from fedamole.rsea.scoring import expert_preferences, held_mask, with_continuity
 from fedamole.rsea.solver import architectures_from_assignment, solve_assignments
 from fedamole.types import ClientEmbeddings
 
@@ -119,3 +119,39 @@ def test_holder_preference_is_one_when_holders_are_the_favourites_and_zero_at_ch
     assert holder_preference(away, ["m"], clients, holders) == pytest.approx(-1.0)
     chance = np.array([[[0.3, 0.2, 0.3, 0.2], [0.3, 0.2, 0.3, 0.2]]])  # holders avg = others avg
     assert holder_preference(chance, ["m"], clients, holders) == pytest.approx(0.0)
+
+
+def test_held_mask_marks_each_clients_experts_in_its_column() -> None:
+    holders = {7: {"q": [0, 2]}, 3: {"q": [1], "v": [2]}}
+    held = held_mask(["q", "v"], 3, [3, 7, 9], holders)
+    assert held.shape == (2, 3, 3)
+    assert held[0].tolist() == [[0, 1, 0], [1, 0, 0], [0, 1, 0]]
+    assert held[1].tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0]]  # client 9 held nothing
+
+
+def _solve_one_expert_row(row: list[float], holder: int) -> int:
+    """Where one expert (k_c=1, no per-client floor) goes under the continuity objective."""
+    prefs = np.array([[row]])
+    held = np.zeros_like(prefs)
+    held[0, 0, holder] = 1.0
+    x = solve_assignments(with_continuity(prefs, held), 1, 0, 1)
+    return int(np.flatnonzero(x[0, 0])[0])
+
+
+def test_continuity_moves_an_expert_only_past_one_standard_deviation_of_its_row() -> None:
+    for lead in np.linspace(0.0, 0.08, 17):  # how far client 0 beats the holder, client 1
+        row = [0.25 + lead, 0.25, 0.20, 0.25]
+        moves = lead > np.std(row)
+        assert _solve_one_expert_row(row, holder=1) == (0 if moves else 1), (lead, np.std(row))
+    assert solve_assignments(np.array([[[0.26, 0.25, 0.20, 0.25]]]), 1, 0, 1)[0, 0, 0]  # RSEA
+
+
+def test_continuity_keeps_more_holders_than_rsea_on_near_uniform_scores() -> None:
+    rng = np.random.default_rng(0)
+    n_e, n_c = 30, 10
+    prefs = 0.1 + 1e-3 * rng.standard_normal((4, n_e, n_c))
+    prefs /= prefs.sum(axis=-1, keepdims=True)
+    before = solve_assignments(rng.random((4, n_e, n_c)), 2, 2, 8)
+    plain = solve_assignments(prefs, 2, 2, 8)
+    sticky = solve_assignments(with_continuity(prefs, before.astype(float)), 2, 2, 8)
+    assert (sticky & before).sum() > 2 * (plain & before).sum()

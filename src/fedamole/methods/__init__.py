@@ -1,7 +1,7 @@
 """Federated fine-tuning methods, by name, all behind one interface
 (:class:`fedamole.federation.method.FederatedMethod`) so the round engine drives them alike.
 
-FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``), the paper's baselines
+FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``, ``fedamole-c``), the paper's baselines
 (``fedit``, ``fedit-ft``, ``fedprompt``, ``fedptuning``, ``fdlora``) and others users would pick
 (``local``, ``ffa-lora``, ``feddpa``), all on the same data pipeline, seeds, training loop and
 budget (see :mod:`fedamole.methods.lora`).
@@ -32,6 +32,7 @@ METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "fedamole": lambda: FedAMoLE("fedamole"),
     "fedamole-r": lambda: FedAMoLE("fedamole-r"),
     "fedamole-h": lambda: FedAMoLE("fedamole-h"),
+    "fedamole-c": lambda: FedAMoLE("fedamole-c"),
 }
 FEDAMOLE_VARIANTS = tuple(FedAMoLE.MODES)
 

@@ -1,4 +1,5 @@
-"""FedAMoLE (SPEC 3) and its ablations FedAMoLE-R and FedAMoLE-H behind the method interface.
+"""FedAMoLE (SPEC 3) and its ablations FedAMoLE-R, FedAMoLE-H and FedAMoLE-C behind the method
+interface.
 
 Server side: the expert store, the payloads (each client gets only its own experts plus the
 shared experts and routers), aggregation (SPEC 3.5) and the next round's expert assignment by
@@ -41,7 +42,7 @@ from fedamole.rsea.diagnostics import (
 )
 from fedamole.rsea.embeddings import compute_embeddings
 from fedamole.rsea.privacy import embedding_norms, noise_generator, privatize_embeddings
-from fedamole.rsea.scoring import expert_preferences
+from fedamole.rsea.scoring import expert_preferences, held_mask, with_continuity
 from fedamole.rsea.solver import (
     InfeasibleAssignmentError,
     architectures_from_assignment,
@@ -140,13 +141,19 @@ def rsea_architectures(
     clients: list[int],
     embeddings: dict[int, ClientEmbeddings],
     rank: int,
+    holders: Mapping[int, Architecture],
 ) -> tuple[dict[int, Architecture], np.ndarray]:
     """RSEA (SPEC 4) over the given clients: each expert's preference over them, then the exact
-    assignment. Returns the architectures and the score matrix P (n_modules, N_e, len(clients))."""
+    assignment (with rsea.mode=continuity, of P plus the bonus for this round's ``holders``).
+    Returns the architectures and the score matrix P (n_modules, N_e, len(clients))."""
     columns = {col: embeddings[c] for col, c in enumerate(clients) if c in embeddings}
     scores = expert_preferences(columns, modules, cfg.hmole.num_experts, len(clients), rank)
+    objective = scores
+    if cfg.rsea.mode == "continuity":
+        held = held_mask(modules, cfg.hmole.num_experts, clients, holders)
+        objective = with_continuity(scores, held)
     k_min, max_experts = assignment_bounds(cfg)
-    x = solve_assignments(scores, cfg.rsea.clients_per_expert, k_min, max_experts)
+    x = solve_assignments(objective, cfg.rsea.clients_per_expert, k_min, max_experts)
     return _by_client(x, modules, clients), scores
 
 
@@ -155,7 +162,12 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
 
     export_format = "hmole"
 
-    MODES = {"fedamole": "rsea", "fedamole-r": "random", "fedamole-h": "homogeneous"}
+    MODES = {
+        "fedamole": "rsea",
+        "fedamole-r": "random",
+        "fedamole-h": "homogeneous",
+        "fedamole-c": "continuity",
+    }
     client_model_file = "architecture.json"
 
     def __init__(self, name: str = "fedamole") -> None:
@@ -214,7 +226,7 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
         else:
             rank = store[router_key(modules[0])].shape[0]
             architectures, scores = rsea_architectures(
-                cfg, modules, next_participants, embeddings, rank
+                cfg, modules, next_participants, embeddings, rank, state.architectures
             )
             diagnostics |= score_diagnostics(scores)
             preference = holder_preference(scores, modules, next_participants, state.architectures)

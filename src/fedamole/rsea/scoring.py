@@ -78,3 +78,34 @@ def expert_preferences(
         prefs[index] = weights / weights.sum(axis=1, keepdims=True)
         prefs[index, counts == 0] = 1.0 / num_clients
     return prefs
+
+
+def held_mask(
+    modules: Sequence[str],
+    num_experts: int,
+    clients: Sequence[int],
+    holders: Mapping[int, Mapping[str, Sequence[int]]],
+) -> np.ndarray:
+    """H (n_modules, N_e, len(clients)): 1 where the client held (and trained) the expert in the
+    module this round; clients absent from ``holders`` hold nothing."""
+    held = np.zeros((len(modules), num_experts, len(clients)))
+    for col, client in enumerate(clients):
+        architecture = holders.get(client, {})
+        for m, module in enumerate(modules):
+            held[m, list(architecture.get(module, [])), col] = 1.0
+    return held
+
+
+def with_continuity(prefs: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The FedAMoLE-C objective (an ablation, not the paper's RSEA): P plus, on the pairs held
+    this round, a bonus of one standard deviation of the expert's own row of P.
+
+    The solver maximises a sum of P, so without it an expert moves to whichever client scores
+    marginally higher, however small the difference against the row's spread. With it, an expert
+    leaves the clients that trained it only for a client whose score beats theirs by more than
+    the typical difference its row shows; when its preferences are sharp (one client far above
+    the rest) the bonus is small beside them and it still moves. The weight comes from the scores
+    themselves, so no constant is tuned.
+    """
+    spread = prefs.std(axis=-1, keepdims=True)
+    return prefs + spread * held
