@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from fedamole.config import load_config
 from fedamole.reporting import RunDir, RunDirError
 
 TINY = [*TINY_RUN, "federation.local_steps=1"]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _compare(out, *extra: str, methods: str = "local,fedamole") -> None:
@@ -67,6 +71,22 @@ def test_compare_two_methods_two_seeds_in_parallel_writes_report_with_intervals(
     assert "RSEA diagnostics" in report and "assignment_change" in report
     assert set(doc["diagnostics"]) == {"fedamole"}  # local has no server diagnostics
     assert (out / "comparison.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    protocol = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "protocol_report.py"),
+            "--out",
+            str(out),
+            "--seeds",
+            "42,43",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "best baseline by validation accuracy: local" in protocol  # the only baseline
+    row = next(line for line in protocol.splitlines() if line.startswith("| fedamole - local |"))
+    assert float(row.split("|")[2]) == pytest.approx(-diff["mean"], abs=1e-4)
 
 
 def test_compare_skips_finished_runs_and_resumes_killed_ones(tmp_path, monkeypatch):
