@@ -133,7 +133,7 @@ def split_metrics(scores: Mapping[str, SplitScores]) -> dict[str, float]:
 
 
 @contextmanager
-def _inference(model: PreTrainedModel) -> Iterator[None]:
+def eval_mode(model: PreTrainedModel) -> Iterator[None]:
     """Eval mode (no dropout) for the duration; every module's own training flag is restored."""
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -145,7 +145,7 @@ def _inference(model: PreTrainedModel) -> Iterator[None]:
 
 
 @contextmanager
-def _padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None]:
+def padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None]:
     previous = tokenizer.padding_side
     tokenizer.padding_side = side
     try:
@@ -163,7 +163,7 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _until_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+def until_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stop_ids), ids)
 
 
@@ -189,7 +189,7 @@ def generate(
     tokenizer, stop_ids = prompter.tokenizer, list(prompter.stop_token_ids)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     outputs: list[str] = []
-    with _inference(model), _padding_side(tokenizer, "left"):
+    with eval_mode(model), padding_side(tokenizer, "left"):
         for batch in _batches(examples, batch_size):
             prompts = {"input_ids": [prompter.prompt_ids(example) for example in batch]}
             encoded = tokenizer.pad(prompts, return_tensors="pt").to(_device(model))
@@ -203,7 +203,7 @@ def generate(
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
             outputs.extend(
-                tokenizer.decode(_until_stop(ids, stop_ids), skip_special_tokens=True).strip()
+                tokenizer.decode(until_stop(ids, stop_ids), skip_special_tokens=True).strip()
                 for ids in new_tokens
             )
     return outputs
@@ -244,7 +244,7 @@ def choice_losses(
         for choice in example.choices
     ]
     losses: list[float] = []
-    with _inference(model):
+    with eval_mode(model):
         for batch in _batches(pairs, batch_size):
             tensors = collate(batch, prompter.tokenizer.pad_token_id)
             tensors = {key: value.to(_device(model)) for key, value in tensors.items()}

@@ -17,13 +17,13 @@ Two formats (``data.prompt_format``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import ConfigError, PromptFormat
-from fedamole.data.example import Example
+from fedamole.data.example import UNLABELLED, Example
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -89,7 +89,27 @@ class Prompter:
 
     def prompt_ids(self, example: Example) -> list[int]:
         """The prompt's token ids, exactly as generation and training see them."""
-        return self.tokenizer(self.prompt(example), add_special_tokens=not self.chat)["input_ids"]
+        return self.text_ids(self.prompt(example))
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of text already in the prompt format (e.g. a raw completion prompt)."""
+        return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """A conversation's prompt ids from role/content messages: through the chat template, as
+        training rendered its user turn (one user message gives exactly :meth:`prompt_ids` of
+        that instruction); the Alpaca format knows one user turn only."""
+        if self.chat:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+            )
+            return self.text_ids(text)
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            raise ValueError(
+                "this model was trained on single-turn Alpaca prompts: send exactly one message, "
+                "with role 'user'"
+            )
+        return self.prompt_ids(Example(messages[0]["content"], "", "", UNLABELLED))
 
     def target_ids(self, example: Example) -> list[int]:
         """The token ids that follow the prompt and carry the loss: the output and its end."""

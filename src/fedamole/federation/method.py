@@ -213,6 +213,10 @@ class FederatedMethod(ABC, Generic[H]):
     # True when answering needs the client's own data (FedDPA's mix compares each prompt with
     # the client's training prompts): serving then rebuilds the client's splits.
     serves_from_client_data: bool = False
+    # True when one batch can hold several clients' prompts, each row with its own adapter
+    # (the handle then has ``keep(key)`` and ``rows(keys)``): `fedamole serve` decodes them
+    # together; otherwise it restores one client at a time.
+    serves_per_row: bool = False
 
     def answer_groups(
         self, runtime: ClientRuntime[H], examples: list[Example]

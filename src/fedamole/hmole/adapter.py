@@ -132,6 +132,26 @@ class HMoLEAdapter:
             out[router_key(name)] = lora_uniform_(torch.empty(r, d_in), gen)
         return out
 
+    # ----------------------------------------------------------------- several clients per batch
+    def keep(self, key: str) -> None:
+        """Keep the current client's adapter under ``key`` in every module, for :meth:`rows`."""
+        for layer in self.layers.values():
+            layer.keep(key)
+
+    @contextmanager
+    def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
+        """Forward passes in which row i of the batch uses the adapter kept under ``keys[i]``
+        (each row its own experts, router and top-k); yields no extra generate arguments."""
+        device = next(self.model.parameters()).device
+        self.context.row_groups = [
+            (key, torch.tensor([i for i, k in enumerate(keys) if k == key], device=device))
+            for key in dict.fromkeys(keys)
+        ]
+        try:
+            yield {}
+        finally:
+            self.context.row_groups = None
+
     # ----------------------------------------------------------------- losses and embeddings
     def load_balancing_loss(self) -> Tensor:
         """Sum over modules of the last training forward's L_lb (0 if none was recorded)."""

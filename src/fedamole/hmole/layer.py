@@ -107,6 +107,20 @@ class RoutingRecord:
     mask: Tensor | None  # (T,) float, 1 for tokens that count; None when all count
 
 
+@dataclass(frozen=True)
+class ExpertSet:
+    """One client's adapter in one module, kept for per-row serving: its stacked ``down``/``up``
+    and its gate template (so its own number of experts)."""
+
+    down: Tensor
+    up: Tensor
+    gate_template: Tensor
+
+
+# Rows of a batch that use one client's experts: (the key it was kept under, row indices).
+RowGroup = tuple[str, Tensor]
+
+
 @dataclass
 class RoutingContext:
     """State shared by every HMoLE layer of one model for the current forward pass.
@@ -118,6 +132,8 @@ class RoutingContext:
     token_mask: Tensor | None = None
     records: list[RoutingRecord] = field(default_factory=list)
     embeddings: dict[str, EmbeddingSums] | None = None
+    # Serving several clients in one batch: each row's experts come from its group's kept set.
+    row_groups: list[RowGroup] | None = None
     _flat_masks: dict[torch.Size, Tensor | None] = field(default_factory=dict)
 
     def start_forward(self, token_mask: Tensor | None) -> None:
@@ -185,6 +201,7 @@ class HMoLELinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dropout = dropout  # on the experts' input, not on the router's keys and query
         self.expert_ids: list[int] = []
+        self.kept: dict[str, ExpertSet] = {}  # per-row serving: client key -> its adapter
         shared_A = lora_uniform_(torch.empty(rank, self.in_features))
         router = lora_uniform_(torch.empty(rank, self.in_features))
         self.down = nn.Parameter(torch.cat([shared_A, router]).t().contiguous())
@@ -247,8 +264,16 @@ class HMoLELinear(nn.Module):
         template[0, -1] = 1.0  # the shared expert always has weight 1
         self.gate_template = template
 
+    def keep(self, key: str) -> None:
+        """Keep a copy of the current adapter under ``key``, for batches whose rows use it."""
+        self.kept[key] = ExpertSet(
+            self.down.detach().clone(), self.up.detach().clone(), self.gate_template.clone()
+        )
+
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        if self.context.row_groups is not None:
+            return self._forward_rows(x, self.context.row_groups)
         if not self.expert_ids:
             raise RuntimeError(f"{self.name}: no local experts; call set_architecture first")
         leading = x.shape[:-1]
@@ -267,6 +292,29 @@ class HMoLELinear(nn.Module):
         )
         self._record(leading, mixed)
         return mixed.out.view(*leading, self.out_features)
+
+    @torch.no_grad()
+    def _forward_rows(self, x: Tensor, groups: list[RowGroup]) -> Tensor:
+        """Inference on a batch x (B, ..., d_in) whose rows belong to different clients: the
+        base output once for every row, then each group's own experts, router and top-k on its
+        rows, through the same :func:`mixture` as a single client's forward."""
+        result = self.base(x)  # (B, ..., d_out)
+        out = torch.empty_like(result)
+        for key, rows in groups:
+            kept = self.kept[key]
+            mixed = mixture(
+                self._adapter_input(x.index_select(0, rows).reshape(-1, self.in_features)),
+                result.index_select(0, rows).reshape(-1, self.out_features),
+                kept.down,
+                kept.up,
+                kept.gate_template,
+                rank=self.rank,
+                top_k=self.top_k,
+                scaling=self.scaling,
+                dropout=0.0,
+            )
+            out.index_copy_(0, rows, mixed.out.view(len(rows), *result.shape[1:]))
+        return out
 
     def _adapter_input(self, flat: Tensor) -> Tensor:
         """Under autocast the matmuls cast for themselves (tensor cores on GPU); otherwise the

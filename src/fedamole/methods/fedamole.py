@@ -161,6 +161,7 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
     """FedAMoLE (SPEC 3) and its ablations; the variant pins ``rsea.mode``."""
 
     export_format = "hmole"
+    serves_per_row = True
 
     MODES = {
         "fedamole": "rsea",

@@ -143,6 +143,22 @@ class LoraHandle(AdapterHandle):
         super().__init__(model, adapters, lambda name: ".lora_" in name)
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
+    @torch.no_grad()
+    def keep(self, key: str) -> None:
+        """Copy the current single adapter into a new PEFT adapter named ``key``, for
+        :meth:`rows` (PEFT's mixed-adapter batches)."""
+        (adapter,) = self.adapters
+        self.model.add_adapter(key, self.model.peft_config[adapter])
+        kept = _flat_parameters(self.model, (key,), lambda name: ".lora_" in name)
+        for flat, param in self.params.items():
+            kept[flat.replace(f"{adapter}/", f"{key}/", 1)].copy_(param)
+
+    @contextmanager
+    def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
+        """Generate with row i using the adapter kept under ``keys[i]``: PEFT's own
+        ``adapter_names``."""
+        yield {"adapter_names": list(keys)}
+
     @contextmanager
     def mixing(self, weights: dict[str, float]) -> Iterator[None]:
         """Run with these adapters active, each scaled by its weight times alpha / r."""
@@ -195,6 +211,11 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
     shares_personal_model: bool = True
     adapters: tuple[str, ...] = (DEFAULT,)
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def serves_per_row(self) -> bool:
+        """One LoRA adapter at full weight: PEFT's mixed-adapter batches serve it per row."""
+        return self.adapters == (DEFAULT,)
 
     # ----------------------------------------------------------------- rules a subclass may change
     def serving_weights(self, runtime: PeftRuntime) -> dict[str, float]:
