@@ -266,5 +266,64 @@ def export(
         console.print(table)
 
 
+@app.command()
+def serve(
+    run_dir: Annotated[
+        Path | None, typer.Option("--run", help="a finished run: serve its clients' models")
+    ] = None,
+    clients: Annotated[
+        list[int] | None,
+        typer.Option("--client", help="only these clients of --run (repeatable; default: all)"),
+    ] = None,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="an exported folder to serve instead (repeatable)"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind (loopback unless --api-keys)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(help='YAML/JSON file: {"<key>": ["client-0", ...]}; "*" = every model'),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="waiting requests before 429")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens allowed")] = (
+        256
+    ),
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0.0, help="how long an idle server gathers a batch")
+    ] = 10.0,
+    device: DeviceOpt = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS (uvicorn's TLS)")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="the key of --ssl-certfile")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve personalised models behind one OpenAI-compatible endpoint (/v1/chat/completions,
+    /v1/completions, /v1/models): one frozen backbone, every client's own adapter on it, requests
+    for different clients decoded together."""
+    from fedamole.serving.server import ServerSettings, run_server
+
+    _setup_logging(verbose)
+    if (run_dir is None) == (not models):
+        raise typer.BadParameter("give --run DIR or one or more --model FOLDER", param_hint="--run")
+    if clients and run_dir is None:
+        raise typer.BadParameter("--client goes with --run", param_hint="--client")
+    settings = ServerSettings(
+        host,
+        port,
+        api_keys,
+        max_batch,
+        max_queue,
+        max_new_tokens,
+        batch_window_ms / 1000,
+        ssl_certfile,
+        ssl_keyfile,
+    )
+    with _user_errors():
+        run_server(settings, run_dir, clients or None, models or [], device, console)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,461 @@
+"""The OpenAI-compatible HTTP API over a :class:`~fedamole.serving.pool.ModelPool` (FastAPI).
+
+``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` as
+server-sent events in OpenAI's chunk shape) and ``GET /health``. Every error is OpenAI's JSON error
+shape with its status: 400 bad request, 401 no or wrong key, 404 unknown model (also a model the
+key may not use: its existence is not revealed), 429 queue full, 500 anything else (logged here,
+never sent). Requests are checked (model, key, prompt length, ``max_tokens``) before they queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedamole.config import ConfigError
+from fedamole.data.example import UNLABELLED, Example
+from fedamole.serving.decoding import DecodeResult, DecodeRow, Sampling
+from fedamole.serving.pool import ModelPool
+from fedamole.serving.scheduler import BatchScheduler, Pending, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.kind, self.param)
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {name!r} does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model",
+    )
+
+
+# ---------------------------------------------------------------------------------- keys
+class KeyFileError(ConfigError):
+    """A key file that cannot be used; the message names the file and the entry."""
+
+
+class KeyRing:
+    """API keys and the models each may use, from a YAML/JSON file mapping each key to a list
+    of model names (``"*"``: every model). Keys are compared in constant time, never logged."""
+
+    def __init__(self, grants: dict[str, frozenset[str]]) -> None:
+        self._grants = [(key.encode(), models) for key, models in grants.items()]
+
+    @classmethod
+    def load(cls, path: Path, served: list[str]) -> KeyRing:
+        if not path.is_file():
+            raise KeyFileError(f"--api-keys {path}: no such file")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise KeyFileError(f"--api-keys {path}: not YAML/JSON ({exc})") from None
+        if not isinstance(doc, dict) or not doc:
+            raise KeyFileError(
+                f"--api-keys {path}: expected a mapping of key -> model names, e.g. "
+                f'{{"sk-hospital-1": ["client-0"], "sk-admin": ["*"]}}'
+            )
+        grants: dict[str, frozenset[str]] = {}
+        for n, (key, models) in enumerate(doc.items(), 1):
+            where = f"--api-keys {path}, entry {n}"  # never the key itself
+            if not isinstance(key, str) or len(key) < 8:
+                raise KeyFileError(f"{where}: a key must be a string of at least 8 characters")
+            if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+                raise KeyFileError(f"{where}: expected a list of model names")
+            unknown = sorted(set(models) - {"*", *served})
+            if unknown:
+                raise KeyFileError(
+                    f"{where}: unknown model(s) {unknown}; served: {', '.join(served)}"
+                )
+            grants[key] = frozenset(served) if "*" in models else frozenset(models)
+        return cls(grants)
+
+    def models_for(self, key: str | None) -> frozenset[str] | None:
+        """The models this key may use; None for a missing or unknown key."""
+        if key is None:
+            return None
+        given, found = key.encode(), None
+        for stored, models in self._grants:  # no early exit: same time for every key
+            if hmac.compare_digest(given, stored):
+                found = models
+        return found
+
+
+# ---------------------------------------------------------------------------------- schemas
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise bad_request("stop: up to 4 non-empty strings", "stop")
+        return tuple(stops)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.seed)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+
+
+# ---------------------------------------------------------------------------------- the app
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 256
+
+
+@dataclass
+class _Job:
+    """One request, checked and ready to queue, with what its response needs."""
+
+    row: DecodeRow
+    kind: Literal["chat", "text"]
+    include_usage: bool
+
+
+def create_app(
+    pool: ModelPool, scheduler: BatchScheduler, keys: KeyRing | None, limits: Limits
+) -> FastAPI:
+    app = FastAPI(title="fedamole serve", version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        if first.get("type") == "json_invalid":
+            return error_response(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
+        message = f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"
+        return error_response(400, message, "invalid_request_error", where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(
+            500, "The server had an error processing your request.", "server_error"
+        )
+
+    def allowed(request: Request) -> frozenset[str]:
+        if keys is None:
+            return frozenset(pool.names())
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        models = keys.models_for(key)
+        if models is None:
+            message = (
+                "Missing API key: send 'Authorization: Bearer <key>'."
+                if not key
+                else ("Incorrect API key provided.")
+            )
+            raise APIError(401, message, "invalid_request_error")
+        return models
+
+    def checked_model(request: Request, name: str) -> str:
+        if name not in allowed(request) or name not in pool.names():
+            raise model_not_found(name)
+        return name
+
+    @app.get("/health")
+    async def health() -> dict[str, object]:
+        return {"status": "ok", "models": len(pool.names())}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, object]:
+        visible = allowed(request)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fedamole"}
+            for name in pool.names()
+            if name in visible
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+        name = checked_model(request, body.model)
+        prompter = pool.prompter(name)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_ids = prompter.chat_ids(messages)
+        except ValueError as exc:
+            raise bad_request(str(exc), "messages") from None
+        example = _instruction(messages)
+        if example is None and pool.needs_instruction(name):
+            raise bad_request(
+                f"{name} mixes its adapters by comparing the prompt with its own data: send one "
+                "user message",
+                "messages",
+            )
+        wanted = body.max_completion_tokens or body.max_tokens
+        job = _job(pool, limits, body, name, prompt_ids, wanted, example, "chat")
+        return await _respond(scheduler, job, body.stream)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        body: CompletionRequest, request: Request
+    ) -> JSONResponse | StreamingResponse:
+        name = checked_model(request, body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise bad_request("prompt: one prompt per request", "prompt")
+        if pool.needs_instruction(name):
+            raise bad_request(
+                f"{name} mixes its adapters per instruction: use /v1/chat/completions", "model"
+            )
+        prompt_ids = pool.prompter(name).text_ids(prompts[0])
+        job = _job(pool, limits, body, name, prompt_ids, body.max_tokens, None, "text")
+        return await _respond(scheduler, job, body.stream)
+
+    return app
+
+
+def _instruction(messages: list[dict[str, str]]) -> Example | None:
+    """A single user message as the instruction it is (what FedDPA's mix reads)."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return Example(messages[0]["content"], "", "", UNLABELLED)
+    return None
+
+
+def _job(
+    pool: ModelPool,
+    limits: Limits,
+    body: _Request,
+    name: str,
+    prompt_ids: list[int],
+    wanted: int | None,
+    example: Example | None,
+    kind: Literal["chat", "text"],
+) -> _Job:
+    """The request as a row to decode, once its lengths are known to fit."""
+    context = pool.max_length(name)
+    room = context - len(prompt_ids)
+    if wanted is not None and wanted > limits.max_new_tokens:
+        raise bad_request(
+            f"max_tokens is {wanted}, above this server's limit of {limits.max_new_tokens} "
+            "(--max-new-tokens)",
+            "max_tokens",
+        )
+    if room < 1 or (wanted is not None and wanted > room):
+        raise bad_request(
+            f"This model's maximum context length is {context} tokens (model.max_length). "
+            f"However, you requested {len(prompt_ids) + (wanted or 1)} tokens "
+            f"({len(prompt_ids)} in the prompt, {wanted or 1} for the completion). "
+            "Please reduce the length of the prompt or max_tokens.",
+            "messages",
+        )
+    max_new = min(wanted or limits.max_new_tokens, room)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    row = DecodeRow(name, prompt_ids, max_new, body.sampling(), body.stops(), example)
+    return _Job(row, kind, include_usage)
+
+
+async def _respond(
+    scheduler: BatchScheduler, job: _Job, stream: bool
+) -> JSONResponse | StreamingResponse:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    def emit(kind: str) -> Callable[[object], None]:
+        return lambda value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+    if stream:
+        job.row.on_text = emit("text")
+    try:
+        scheduler.submit(Pending(job.row, emit("done")))
+    except QueueFull as exc:
+        raise APIError(
+            429, f"The server is busy ({exc}); retry shortly.", "rate_limit_error"
+        ) from None
+    meta = _Meta.new(job)
+    if stream:
+        return StreamingResponse(_stream(events, job, meta), media_type="text/event-stream")
+    while True:
+        kind, value = await events.get()
+        if kind == "done":
+            return JSONResponse(_full_response(job, meta, _result(value)))
+
+
+def _result(value: object) -> DecodeResult:
+    if isinstance(value, BaseException):
+        raise value
+    assert isinstance(value, DecodeResult)
+    return value
+
+
+@dataclass(frozen=True)
+class _Meta:
+    id: str
+    created: int
+
+    @classmethod
+    def new(cls, job: _Job) -> _Meta:
+        prefix = "chatcmpl" if job.kind == "chat" else "cmpl"
+        return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+
+def _usage(job: _Job, result: DecodeResult) -> dict[str, int]:
+    prompt = len(job.row.prompt_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": prompt + result.completion_tokens,
+    }
+
+
+def _full_response(job: _Job, meta: _Meta, result: DecodeResult) -> dict[str, object]:
+    if job.kind == "chat":
+        choice: dict[str, object] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {
+            "index": 0,
+            "text": result.text,
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+        kind = "text_completion"
+    return {
+        "id": meta.id,
+        "object": kind,
+        "created": meta.created,
+        "model": job.row.model,
+        "choices": [choice],
+        "usage": _usage(job, result),
+    }
+
+
+def _chunk(job: _Job, meta: _Meta, text: str | None, finish: str | None) -> dict[str, object]:
+    if job.kind == "chat":
+        delta: dict[str, str] = {} if text is None else {"content": text}
+        choice: dict[str, object] = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        kind = "text_completion"
+    return {
+        "id": meta.id,
+        "object": kind,
+        "created": meta.created,
+        "model": job.row.model,
+        "choices": [choice],
+    }
+
+
+async def _stream(events: asyncio.Queue, job: _Job, meta: _Meta) -> AsyncIterator[str]:
+    def sse(payload: dict[str, object]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if job.kind == "chat":
+        first = _chunk(job, meta, None, None)
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}  # type: ignore[index]
+        yield sse(first)
+    while True:
+        kind, value = await events.get()
+        if kind == "text":
+            yield sse(_chunk(job, meta, str(value), None))
+            continue
+        if isinstance(value, BaseException):
+            log.error("stream failed: %s", value)
+            yield sse(
+                {
+                    "error": {
+                        "message": "The server had an error processing your request.",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            )
+        else:
+            yield sse(_chunk(job, meta, None, value.finish_reason))
+            if job.include_usage:
+                usage = _chunk(job, meta, None, None) | {"choices": [], "usage": _usage(job, value)}
+                yield sse(usage)
+        yield "data: [DONE]\n\n"
+        return

@@ -1,0 +1,101 @@
+"""``fedamole serve``: the pool, the decoding thread and the API, run by uvicorn.
+
+Without ``--api-keys`` the server binds only to a loopback address (anyone who can reach it can
+use every model); with keys, each organisation's key sees and uses only its own models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from rich.console import Console
+
+from fedamole.config import ConfigError
+from fedamole.serving.api import KeyRing, Limits, create_app
+from fedamole.serving.pool import ExportPool, ModelPool, RunPool
+from fedamole.serving.scheduler import BatchScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Path | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_new_tokens: int = 256
+    batch_window_s: float = 0.01
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(settings: ServerSettings) -> None:
+    """Refuse an open server before any model loads."""
+    if settings.api_keys is None and not is_loopback(settings.host):
+        raise ConfigError(
+            f"--host {settings.host}: without --api-keys the server binds only to loopback "
+            "(127.0.0.1, ::1 or localhost); give --api-keys FILE to serve other machines"
+        )
+    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
+        raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
+    for path in (settings.api_keys, settings.ssl_certfile, settings.ssl_keyfile):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+
+
+def build_pool(
+    run_dir: Path | None, clients: list[int] | None, models: list[Path], device: str | None
+) -> ModelPool:
+    if run_dir is not None:
+        return RunPool(run_dir, clients, device)
+    return ExportPool(models, device or "auto")
+
+
+def run_server(
+    settings: ServerSettings,
+    run_dir: Path | None,
+    clients: list[int] | None,
+    models: list[Path],
+    device: str | None,
+    console: Console,
+) -> None:
+    check_settings(settings)
+    pool = build_pool(run_dir, clients, models, device)
+    keys = None if settings.api_keys is None else KeyRing.load(settings.api_keys, pool.names())
+    if keys is None:
+        console.print(f"no --api-keys: serving on loopback only ({settings.host}), no key needed")
+    scheduler = BatchScheduler(
+        pool, settings.max_batch, settings.max_queue, settings.batch_window_s
+    )
+    app = create_app(pool, scheduler, keys, Limits(settings.max_new_tokens))
+    scheme = "https" if settings.ssl_certfile else "http"
+    console.print(
+        f"serving {', '.join(pool.names())} at {scheme}://{settings.host}:{settings.port}/v1"
+    )
+    scheduler.start()
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+        )
+    finally:
+        scheduler.stop()
