@@ -94,3 +94,31 @@ def test_global_state_init(tiny_model):
     assert not torch.equal(a0, a1) and a0.abs().max() <= 1 / 64**0.5
     assert store[f"{module}.experts.0.lora_B"].abs().sum() == 0
     assert all(torch.equal(v, adapter.init_global_state(5, 3)[k]) for k, v in store.items())
+
+
+def test_one_batch_serves_each_row_with_its_own_clients_experts(tiny_model):
+    """Rows of one batch kept under different clients (different expert counts) get the logits
+    each client's own model gives them alone; and the clients really differ."""
+    model, tok = tiny_model
+    adapter = inject_hmole(model, dropout=0.0)
+    arch_a = {m: [0, 1] for m in adapter.modules}
+    arch_b = {m: [2, 5, 7] if i % 2 else [1, 3] for i, m in enumerate(arch_a)}
+    prompts = ["swap experts in and out", "ok", "a third prompt, longer than the others"]
+    alone = {}
+    for key, arch, seed in (("a", arch_a, 1), ("b", arch_b, 2)):
+        adapter.set_architecture(arch)
+        adapter.load_state(_random_state(adapter, seed))
+        adapter.keep(key)
+        with torch.no_grad():
+            for prompt in prompts:
+                alone[key, prompt] = model(**tok([prompt], return_tensors="pt")).logits[0, -1]
+    assert not torch.allclose(alone["a", "ok"], alone["b", "ok"], atol=1e-3)
+
+    tok.padding_side = "left"
+    keys = ["b", "a", "b"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad(), adapter.rows(keys) as extra:
+        mixed = model(**batch, **extra).logits[:, -1]
+    assert adapter.context.row_groups is None  # the per-row mode ends with the block
+    for row, (key, prompt) in enumerate(zip(keys, prompts, strict=True)):
+        torch.testing.assert_close(mixed[row], alone[key, prompt], atol=1e-4, rtol=1e-4)

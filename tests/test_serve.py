@@ -1,0 +1,225 @@
+"""`fedamole serve` as a real process on loopback, queried with the real `openai` package: each
+client's greedy answers are `fedamole generate`'s (alone, streamed, or in a mixed batch of 16),
+keys keep organisations apart, and bad requests get OpenAI-shaped 4xx errors without harming the
+server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_run import TINY_RUN
+
+from fedamole.config import load_config
+from fedamole.reporting import ADAPTER_WEIGHTS, RunDir
+from fedamole.serving import load_client_model
+from fedamole.serving.personalised import request_examples
+from fedamole.transports.in_process import run_simulation
+
+TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.05", "federation.num_clients=3"]
+PROMPTS = ["What is 12 plus 30?", "Name a colour.", "Sort: pear apple fig", "Say hello"]
+MAX_TOKENS = 6
+KEYS = {"sk-org-zero-0000": ["client-0"], "sk-org-one-11111": ["client-1", "client-2"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for method in ("fedamole", "fedit"):
+        out[method] = root / method
+        run_simulation(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
+        for client in range(3):
+            _make_distinct(RunDir(out[method]).client_folder(client) / ADAPTER_WEIGHTS, client)
+    return out
+
+
+def _make_distinct(weights: Path, seed: int) -> None:
+    """Two tiny training steps leave the clients' models alike; random saved weights make each
+    client answer differently, so an answer from the wrong client's adapter is caught."""
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(str(weights))
+    save_file(
+        {k: v + torch.randn(v.shape, generator=gen) * 0.5 for k, v in state.items()}, str(weights)
+    )
+
+
+def _serve(args: list[str], log: Path) -> Iterator[str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "fedamole.cli", "serve", "--port", str(port), *args]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fedamole_server(runs, tmp_path_factory) -> Iterator[str]:
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    log = keys.parent / "serve.log"
+    yield from _serve(["--run", str(runs["fedamole"]), "--api-keys", str(keys)], log)
+
+
+@pytest.fixture(scope="module")
+def fedit_server(runs, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("fedit") / "serve.log"
+    yield from _serve(["--run", str(runs["fedit"]), "--max-new-tokens", "32"], log)
+
+
+@pytest.fixture(scope="module")
+def generated(runs) -> dict[tuple[str, int, str], str]:
+    """`fedamole generate`'s greedy answer per method, client and prompt (one prompt at a time)."""
+    out = {}
+    for method, run in runs.items():
+        for client in range(3):
+            model = load_client_model(run, client)
+            for prompt in PROMPTS:
+                out[method, client, prompt] = model.generate(prompt, max_new_tokens=MAX_TOKENS)[0]
+    return out
+
+
+def _client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _chat(client: openai.OpenAI, model: str, prompt: str) -> str:
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+    )
+    assert answer.usage.completion_tokens <= MAX_TOKENS
+    return answer.choices[0].message.content
+
+
+def _key_for(model: str) -> str:
+    return next(key for key, models in KEYS.items() if model in models)
+
+
+@pytest.mark.parametrize("method", ["fedamole", "fedit"])
+def test_greedy_answers_are_generates_alone_streamed_and_16_at_once(
+    method, runs, generated, request
+):
+    url = request.getfixturevalue(f"{method}_server")
+    keyed = method == "fedamole"
+    clients = {c: _client(url, _key_for(f"client-{c}") if keyed else "none") for c in range(3)}
+    assert len({generated[method, c, p] for c in range(3) for p in PROMPTS}) > 1  # can fail
+    for c, api in clients.items():
+        for prompt in PROMPTS[:2]:
+            assert _chat(api, f"client-{c}", prompt) == generated[method, c, prompt]
+        chunks = api.chat.completions.create(
+            model=f"client-{c}",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            stream=True,
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+        assert streamed == generated[method, c, PROMPTS[0]]
+
+    # /v1/completions takes text already in the prompt format: the client's own prompt text.
+    model = load_client_model(runs[method], 1)
+    text = model.prompter.prompt(request_examples(PROMPTS[2])[0])
+    completion = clients[1].completions.create(
+        model="client-1", prompt=text, temperature=0, max_tokens=MAX_TOKENS
+    )
+    assert completion.choices[0].text == generated[method, 1, PROMPTS[2]]
+
+    jobs = [(i % 3, PROMPTS[i % len(PROMPTS)]) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(
+            pool.map(lambda job: _chat(clients[job[0]], f"client-{job[0]}", job[1]), jobs)
+        )
+    assert answers == [generated[method, c, p] for c, p in jobs]
+
+
+def test_keys_keep_each_organisation_to_its_own_models(fedamole_server):
+    url = fedamole_server
+    for key, models in KEYS.items():
+        assert [m.id for m in _client(url, key).models.list()] == models
+    no_key = httpx.get(f"{url}/v1/models")
+    assert no_key.status_code == 401 and "API key" in no_key.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        _chat(_client(url, "sk-wrong-key-000"), "client-0", "hi")
+    assert wrong.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as other:  # org one asks for org zero's model
+        _chat(_client(url, "sk-org-one-11111"), "client-0", "hi")
+    assert "client-0" in other.value.body["message"]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(fedamole_server, generated):
+    url, key = fedamole_server, "sk-org-zero-0000"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    malformed = httpx.post(f"{url}/v1/chat/completions", content="{not json", headers=headers)
+    assert malformed.status_code == 400 and "JSON" in malformed.json()["error"]["message"]
+    missing_field = httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "client-0"}, headers=headers
+    )
+    assert missing_field.status_code == 400 and missing_field.json()["error"]["param"] == "messages"
+
+    api = _client(url, key)
+    with pytest.raises(openai.NotFoundError):
+        _chat(api, "client-9", "hi")
+    with pytest.raises(openai.BadRequestError) as too_long:
+        _chat(api, "client-0", "word " * 2000)
+    assert "maximum context length is 512" in too_long.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_many:
+        api.chat.completions.create(
+            model="client-0", messages=[{"role": "user", "content": "hi"}], max_tokens=100_000
+        )
+    assert too_many.value.body["param"] == "max_tokens"
+
+    assert _chat(api, "client-0", PROMPTS[0]) == generated["fedamole", 0, PROMPTS[0]]
+
+
+def test_an_open_server_must_stay_on_loopback(runs):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedamole.cli",
+            "serve",
+            "--run",
+            str(runs["fedit"]),
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--api-keys" in result.stdout + result.stderr
