@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,9 @@ from tiny_run import TINY_RUN
 from fedamole.config import load_config
 from fedamole.reporting import ADAPTER_WEIGHTS, RunDir
 from fedamole.serving import load_client_model
+from fedamole.serving.decoding import DecodeRow, Sampling
 from fedamole.serving.personalised import request_examples
+from fedamole.serving.pool import RunPool
 from fedamole.transports.in_process import run_simulation
 
 TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.05", "federation.num_clients=3"]
@@ -223,3 +226,39 @@ def test_an_open_server_must_stay_on_loopback(runs):
     )
     assert result.returncode != 0
     assert "--api-keys" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("method", ["fedamole", "fedit"])
+def test_rows_that_join_a_running_batch_decode_as_if_alone(method, runs, generated):
+    """Continuous batching: rows admitted while others are mid-decode, for mixed clients, give
+    `fedamole generate`'s greedy answers; a seeded sampled row gives the same sample whatever
+    else shares its batch."""
+    pool = RunPool(runs[method])
+    prompter = pool.prompter("client-0")
+    jobs = [(i % 3, PROMPTS[i % len(PROMPTS)]) for i in range(7)]
+    rows = [
+        DecodeRow(f"client-{c}", prompter.chat_ids([{"role": "user", "content": p}]), MAX_TOKENS)
+        for c, p in jobs
+    ]
+    answers: dict[int, object] = {}
+    batch = pool.continuous_batch()
+    for step, (start, stop) in enumerate([(0, 2), (2, 5), (5, 7)]):
+        batch.admit([(rows[i], partial(answers.__setitem__, i)) for i in range(start, stop)])
+        for _ in range(step + 1):
+            batch.step()
+    while batch.active:
+        batch.step()
+    assert [answers[i].text for i in range(7)] == [generated[method, c, p] for c, p in jobs]
+
+    def sampled(company: int) -> str:
+        seeded = DecodeRow(
+            "client-1", rows[1].prompt_ids, MAX_TOKENS, Sampling(temperature=1.0, seed=7)
+        )
+        out: dict[int, object] = {}
+        batch.admit([(seeded, partial(out.__setitem__, 0))])
+        batch.admit([(rows[i], partial(out.__setitem__, 1 + i)) for i in range(company)])
+        while batch.active:
+            batch.step()
+        return out[0].text
+
+    assert sampled(0) == sampled(4)

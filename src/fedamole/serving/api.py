@@ -77,7 +77,8 @@ class KeyRing:
         self._grants = [(key.encode(), models) for key, models in grants.items()]
 
     @classmethod
-    def load(cls, path: Path, served: list[str]) -> KeyRing:
+    def read(cls, path: Path) -> dict[str, list[str]]:
+        """The key file's grants, checked for shape (before any model loads)."""
         if not path.is_file():
             raise KeyFileError(f"--api-keys {path}: no such file")
         try:
@@ -89,17 +90,24 @@ class KeyRing:
                 f"--api-keys {path}: expected a mapping of key -> model names, e.g. "
                 f'{{"sk-hospital-1": ["client-0"], "sk-admin": ["*"]}}'
             )
-        grants: dict[str, frozenset[str]] = {}
         for n, (key, models) in enumerate(doc.items(), 1):
             where = f"--api-keys {path}, entry {n}"  # never the key itself
             if not isinstance(key, str) or len(key) < 8:
                 raise KeyFileError(f"{where}: a key must be a string of at least 8 characters")
             if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
                 raise KeyFileError(f"{where}: expected a list of model names")
+        return doc
+
+    @classmethod
+    def load(cls, path: Path, served: list[str]) -> KeyRing:
+        """The key file's grants for the models being served; unknown names are an error."""
+        grants: dict[str, frozenset[str]] = {}
+        for n, (key, models) in enumerate(cls.read(path).items(), 1):
             unknown = sorted(set(models) - {"*", *served})
             if unknown:
                 raise KeyFileError(
-                    f"{where}: unknown model(s) {unknown}; served: {', '.join(served)}"
+                    f"--api-keys {path}, entry {n}: unknown model(s) {unknown}; "
+                    f"served: {', '.join(served)}"
                 )
             grants[key] = frozenset(served) if "*" in models else frozenset(models)
         return cls(grants)

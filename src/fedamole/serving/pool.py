@@ -23,6 +23,7 @@ from fedamole.data.example import UNLABELLED, Example
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.reporting import CLIENTS, RunDir
+from fedamole.serving.continuous import ContinuousBatch
 from fedamole.serving.decoding import DecodeResult, DecodeRow, decode_batch
 from fedamole.serving.export import load_pretrained
 from fedamole.serving.personalised import (
@@ -54,6 +55,10 @@ class ModelPool(Protocol):
 
     def answer(self, rows: list[DecodeRow]) -> list[DecodeResult]:
         """Decode rows that share one sampling setting (any mix of this pool's models)."""
+        ...
+
+    def continuous_batch(self) -> ContinuousBatch | None:
+        """A batch that rows of any of this pool's models can join mid-decode, if it has one."""
         ...
 
 
@@ -117,6 +122,11 @@ class RunPool:
     def needs_instruction(self, name: str) -> bool:
         return self.method.serves_from_client_data
 
+    def continuous_batch(self) -> ContinuousBatch | None:
+        if not self.method.serves_per_row:
+            return None
+        return ContinuousBatch(self.handle.model, self._prompter, self.handle.rows)
+
     def answer(self, rows: list[DecodeRow]) -> list[DecodeResult]:
         model = self.handle.model
         if self.method.serves_per_row:
@@ -157,6 +167,9 @@ class ExportPool:
 
     def needs_instruction(self, name: str) -> bool:
         return False
+
+    def continuous_batch(self) -> ContinuousBatch | None:
+        return None
 
     def answer(self, rows: list[DecodeRow]) -> list[DecodeResult]:
         return one_model_at_a_time(rows, self._answering)

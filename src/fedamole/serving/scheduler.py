@@ -1,10 +1,12 @@
 """The one thread that runs the model: requests wait in a bounded queue and are decoded in batches.
 
-While a batch decodes, new requests queue; the next batch takes every waiting request (up to
-``max_batch``), after at most ``window_s`` for the first ones to gather when the server was idle.
-Rows of one batch share a sampling setting (:func:`~fedamole.serving.decoding.batches_by_sampling`);
-rows for different clients decode together when the pool serves per row. A full queue refuses at
-once (the API answers 429) rather than letting latency grow without bound.
+For pools that serve per row (FedAMoLE, single-LoRA baselines) the batch is continuous: waiting
+requests join the running batch before its next decoding step (up to ``max_batch`` rows) and
+leave as soon as they are done (:class:`~fedamole.serving.continuous.ContinuousBatch`). For the
+others, a batch takes every waiting request, decodes it to the end (rows grouped by sampling
+setting, :func:`~fedamole.serving.decoding.batches_by_sampling`), then takes the next. An idle
+server waits ``window_s`` for the first requests to gather. A full queue refuses at once (the API
+answers 429) rather than letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedamole.serving.continuous import ContinuousBatch
 from fedamole.serving.decoding import DecodeResult, DecodeRow, batches_by_sampling
 from fedamole.serving.pool import ModelPool
 
@@ -57,12 +60,56 @@ class BatchScheduler:
             raise QueueFull(f"{self.queue.maxsize} requests are waiting") from None
 
     def _loop(self) -> None:
+        batch = self.pool.continuous_batch()
+        if batch is None:
+            self._loop_whole_batches()
+        else:
+            self._loop_continuous(batch)
+
+    def _loop_whole_batches(self) -> None:
         while (first := self.queue.get()) is not None:
             batch = self._gather(first)
             if batch is None:
                 return
             for members in batches_by_sampling([p.row for p in batch]):
                 self._decode([batch[i] for i in members])
+
+    def _loop_continuous(self, batch: ContinuousBatch) -> None:
+        while True:
+            if batch.active:
+                arrivals = self._drain(self.max_batch - batch.active)
+            else:
+                first = self.queue.get()
+                arrivals = None if first is None else self._gather(first)
+            if arrivals is None:
+                batch.fail(RuntimeError("the server is shutting down"))
+                return
+            try:
+                if arrivals:
+                    self.batches += 1
+                    batch.admit([(p.row, p.done) for p in arrivals])
+                if batch.active:
+                    batch.step()
+            except Exception as exc:  # every waiting request is answered, the thread lives on
+                log.exception("decoding failed with %d rows running", batch.active)
+                admitted = {id(slot.done) for slot in batch.slots}
+                for pending in arrivals:
+                    if id(pending.done) not in admitted:
+                        pending.done(exc)
+                batch.fail(exc)
+
+    def _drain(self, room: int) -> list[Pending] | None:
+        """Whatever is waiting now, up to ``room`` requests (None: stopping)."""
+        arrivals: list[Pending] = []
+        while len(arrivals) < room:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return None
+            arrivals.append(item)
+        return arrivals
 
     def _gather(self, first: Pending) -> list[Pending] | None:
         """The first request and whatever else arrives within the window (None: stopping)."""

@@ -53,9 +53,11 @@ def check_settings(settings: ServerSettings) -> None:
         )
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
-    for path in (settings.api_keys, settings.ssl_certfile, settings.ssl_keyfile):
+    for path in (settings.ssl_certfile, settings.ssl_keyfile):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: no such file")
+    if settings.api_keys is not None:
+        KeyRing.read(settings.api_keys)
 
 
 def build_pool(
