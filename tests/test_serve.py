@@ -24,10 +24,10 @@ from tiny_run import TINY_RUN
 
 from fedamole.config import load_config
 from fedamole.reporting import ADAPTER_WEIGHTS, RunDir
-from fedamole.serving import load_client_model
+from fedamole.serving import export_client, load_client_model
 from fedamole.serving.decoding import DecodeRow, Sampling
 from fedamole.serving.personalised import request_examples
-from fedamole.serving.pool import RunPool
+from fedamole.serving.pool import ExportPool, RunPool
 from fedamole.transports.in_process import run_simulation
 
 TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.05", "federation.num_clients=3"]
@@ -160,6 +160,10 @@ def test_greedy_answers_are_generates_alone_streamed_and_16_at_once(
         model="client-1", prompt=text, temperature=0, max_tokens=MAX_TOKENS
     )
     assert completion.choices[0].text == generated[method, 1, PROMPTS[2]]
+    pieces = clients[1].completions.create(
+        model="client-1", prompt=text, temperature=0, max_tokens=MAX_TOKENS, stream=True
+    )
+    assert "".join(piece.choices[0].text for piece in pieces) == generated[method, 1, PROMPTS[2]]
 
     jobs = [(i % 3, PROMPTS[i % len(PROMPTS)]) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
@@ -262,3 +266,35 @@ def test_rows_that_join_a_running_batch_decode_as_if_alone(method, runs, generat
         return out[0].text
 
     assert sampled(0) == sampled(4)
+
+
+def test_one_client_at_a_time_methods_and_exports_answer_as_generate(runs, tmp_path):
+    """FedDPA (its per-prompt mix) is served one client at a time on the shared backbone, an
+    exported folder as its own model: both answer as `fedamole generate`."""
+    feddpa = tmp_path / "feddpa"
+    run_simulation(load_config(None, [*TINY, f"output.dir={feddpa}"]), method="feddpa")
+    pool = RunPool(feddpa)
+    assert pool.continuous_batch() is None and pool.needs_instruction("client-0")
+    rows = [
+        DecodeRow(f"client-{i % 3}", [], MAX_TOKENS, example=request_examples(p)[0])
+        for i, p in enumerate(PROMPTS)
+    ]
+    for row in rows:
+        row.prompt_ids = pool.prompter(row.model).prompt_ids(row.example)
+    expected = [
+        load_client_model(feddpa, i % 3).generate(p, max_new_tokens=MAX_TOKENS)[0]
+        for i, p in enumerate(PROMPTS)
+    ]
+    assert [a.text for a in pool.answer(rows)] == expected
+
+    folder = export_client(runs["fedit"], 2, tmp_path / "fedit-client-2").folder
+    exported = ExportPool([folder])
+    row = DecodeRow(
+        "fedit-client-2",
+        exported.prompter("fedit-client-2").chat_ids([{"role": "user", "content": PROMPTS[0]}]),
+        MAX_TOKENS,
+    )
+    assert (
+        exported.answer([row])[0].text
+        == load_client_model(runs["fedit"], 2).generate(PROMPTS[0], max_new_tokens=MAX_TOKENS)[0]
+    )
