@@ -24,6 +24,7 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -261,8 +262,8 @@ def create_app(
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             prompt_ids = prompter.chat_ids(messages)
-        except ValueError as exc:
-            raise bad_request(str(exc), "messages") from None
+        except (ValueError, TemplateError) as exc:  # e.g. roles the chat template refuses
+            raise bad_request(f"messages: {exc}", "messages") from None
         example = _instruction(messages)
         if example is None and pool.needs_instruction(name):
             raise bad_request(
