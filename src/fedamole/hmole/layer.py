@@ -279,17 +279,8 @@ class HMoLELinear(nn.Module):
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         dropout = self.dropout if self.training else 0.0
-        mixed = mixture(
-            self._adapter_input(flat),
-            self.base(flat),
-            self.down,
-            self.up,
-            self.gate_template,
-            rank=self.rank,
-            top_k=self.top_k,
-            scaling=self.scaling,
-            dropout=dropout,
-        )
+        current = ExpertSet(self.down, self.up, self.gate_template)
+        mixed = self._mix(flat, self.base(flat), current, dropout)
         self._record(leading, mixed)
         return mixed.out.view(*leading, self.out_features)
 
@@ -301,20 +292,30 @@ class HMoLELinear(nn.Module):
         result = self.base(x)  # (B, ..., d_out)
         out = torch.empty_like(result)
         for key, rows in groups:
-            kept = self.kept[key]
-            mixed = mixture(
-                self._adapter_input(x.index_select(0, rows).reshape(-1, self.in_features)),
+            mixed = self._mix(
+                x.index_select(0, rows).reshape(-1, self.in_features),
                 result.index_select(0, rows).reshape(-1, self.out_features),
-                kept.down,
-                kept.up,
-                kept.gate_template,
-                rank=self.rank,
-                top_k=self.top_k,
-                scaling=self.scaling,
+                self.kept[key],
                 dropout=0.0,
             )
             out.index_copy_(0, rows, mixed.out.view(len(rows), *result.shape[1:]))
         return out
+
+    def _mix(
+        self, flat: Tensor, result: Tensor, adapter: ExpertSet, dropout: float
+    ) -> MixtureOutput:
+        """:func:`mixture` of flat tokens (T, d_in) with one client's adapter."""
+        return mixture(
+            self._adapter_input(flat),
+            result,
+            adapter.down,
+            adapter.up,
+            adapter.gate_template,
+            rank=self.rank,
+            top_k=self.top_k,
+            scaling=self.scaling,
+            dropout=dropout,
+        )
 
     def _adapter_input(self, flat: Tensor) -> Tensor:
         """Under autocast the matmuls cast for themselves (tensor cores on GPU); otherwise the

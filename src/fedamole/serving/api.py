@@ -387,53 +387,41 @@ def _usage(job: _Job, result: DecodeResult) -> dict[str, int]:
     }
 
 
-def _full_response(job: _Job, meta: _Meta, result: DecodeResult) -> dict[str, object]:
-    if job.kind == "chat":
-        choice: dict[str, object] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": result.text},
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": result.text,
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
-        kind = "text_completion"
+def _envelope(job: _Job, meta: _Meta, kind: str, choices: list[dict]) -> dict[str, object]:
     return {
         "id": meta.id,
         "object": kind,
         "created": meta.created,
         "model": job.row.model,
-        "choices": [choice],
-        "usage": _usage(job, result),
+        "choices": choices,
     }
+
+
+def _full_response(job: _Job, meta: _Meta, result: DecodeResult) -> dict[str, object]:
+    choice: dict[str, object] = {
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": result.finish_reason,
+    }
+    if job.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": result.text}
+        kind = "chat.completion"
+    else:
+        choice["text"], kind = result.text, "text_completion"
+    return _envelope(job, meta, kind, [choice]) | {"usage": _usage(job, result)}
+
+
+def _chunk_kind(job: _Job) -> str:
+    return "chat.completion.chunk" if job.kind == "chat" else "text_completion"
 
 
 def _chunk(job: _Job, meta: _Meta, text: str | None, finish: str | None) -> dict[str, object]:
+    choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if job.kind == "chat":
-        delta: dict[str, str] = {} if text is None else {"content": text}
-        choice: dict[str, object] = {
-            "index": 0,
-            "delta": delta,
-            "logprobs": None,
-            "finish_reason": finish,
-        }
-        kind = "chat.completion.chunk"
+        choice["delta"] = {} if text is None else {"content": text}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        kind = "text_completion"
-    return {
-        "id": meta.id,
-        "object": kind,
-        "created": meta.created,
-        "model": job.row.model,
-        "choices": [choice],
-    }
+        choice["text"] = text or ""
+    return _envelope(job, meta, _chunk_kind(job), [choice])
 
 
 async def _stream(events: asyncio.Queue, job: _Job, meta: _Meta) -> AsyncIterator[str]:
@@ -464,7 +452,7 @@ async def _stream(events: asyncio.Queue, job: _Job, meta: _Meta) -> AsyncIterato
         else:
             yield sse(_chunk(job, meta, None, value.finish_reason))
             if job.include_usage:
-                usage = _chunk(job, meta, None, None) | {"choices": [], "usage": _usage(job, value)}
+                usage = _envelope(job, meta, _chunk_kind(job), []) | {"usage": _usage(job, value)}
                 yield sse(usage)
         yield "data: [DONE]\n\n"
         return
