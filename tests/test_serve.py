@@ -28,6 +28,7 @@ from fedamole.serving import export_client, load_client_model
 from fedamole.serving.decoding import DecodeRow, Sampling
 from fedamole.serving.personalised import request_examples
 from fedamole.serving.pool import ExportPool, RunPool
+from fedamole.serving.scheduler import BatchScheduler, Pending, QueueFull
 from fedamole.transports.in_process import run_simulation
 
 TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.05", "federation.num_clients=3"]
@@ -298,3 +299,13 @@ def test_one_client_at_a_time_methods_and_exports_answer_as_generate(runs, tmp_p
         exported.answer([row])[0].text
         == load_client_model(runs["fedit"], 2).generate(PROMPTS[0], max_new_tokens=MAX_TOKENS)[0]
     )
+
+
+def test_a_full_queue_refuses_at_once(runs):
+    """Requests beyond --max-queue are refused (the API's 429) instead of waiting unboundedly."""
+    scheduler = BatchScheduler(RunPool(runs["fedit"], [0]), max_batch=1, max_queue=2)  # not started
+    row = DecodeRow("client-0", [1, 2, 3], MAX_TOKENS)
+    for _ in range(2):
+        scheduler.submit(Pending(row, lambda _result: None))
+    with pytest.raises(QueueFull):
+        scheduler.submit(Pending(row, lambda _result: None))
