@@ -309,3 +309,21 @@ def test_a_full_queue_refuses_at_once(runs):
         scheduler.submit(Pending(row, lambda _result: None))
     with pytest.raises(QueueFull):
         scheduler.submit(Pending(row, lambda _result: None))
+
+
+def test_a_row_whose_client_went_away_stops_at_its_next_token(runs):
+    pool = RunPool(runs["fedamole"], [0, 1])
+    prompt = pool.prompter("client-0").chat_ids([{"role": "user", "content": PROMPTS[0]}])
+    stays, leaves = DecodeRow("client-0", prompt, 20), DecodeRow("client-1", prompt, 20)
+    out: dict[str, object] = {}
+    batch = pool.continuous_batch()
+    batch.admit(
+        [(stays, partial(out.__setitem__, "stays")), (leaves, partial(out.__setitem__, "leaves"))]
+    )
+    batch.step()
+    leaves.cancelled = True  # what the API does when the HTTP request is gone
+    batch.step()
+    assert "leaves" in out and batch.active == 1
+    while batch.active:
+        batch.step()
+    assert out["leaves"].completion_tokens < out["stays"].completion_tokens

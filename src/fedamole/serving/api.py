@@ -354,10 +354,13 @@ async def _respond(
     meta = _Meta.new(job)
     if stream:
         return StreamingResponse(_stream(events, job, meta), media_type="text/event-stream")
-    while True:
-        kind, value = await events.get()
-        if kind == "done":
-            return JSONResponse(_full_response(job, meta, _result(value)))
+    try:
+        while True:
+            kind, value = await events.get()
+            if kind == "done":
+                return JSONResponse(_full_response(job, meta, _result(value)))
+    finally:  # also when the client disconnects (the task is cancelled): stop decoding it
+        job.row.cancelled = True
 
 
 def _result(value: object) -> DecodeResult:
@@ -424,35 +427,37 @@ def _chunk(job: _Job, meta: _Meta, text: str | None, finish: str | None) -> dict
     return _envelope(job, meta, _chunk_kind(job), [choice])
 
 
-async def _stream(events: asyncio.Queue, job: _Job, meta: _Meta) -> AsyncIterator[str]:
-    def sse(payload: dict[str, object]) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
+def _sse(payload: dict[str, object]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
-    if job.kind == "chat":
-        first = _chunk(job, meta, None, None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}  # type: ignore[index]
-        yield sse(first)
-    while True:
-        kind, value = await events.get()
-        if kind == "text":
-            yield sse(_chunk(job, meta, str(value), None))
-            continue
-        if isinstance(value, BaseException):
-            log.error("stream failed: %s", value)
-            yield sse(
-                {
-                    "error": {
-                        "message": "The server had an error processing your request.",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+
+_STREAM_ERROR = {
+    "error": {
+        "message": "The server had an error processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
+
+
+async def _stream(events: asyncio.Queue, job: _Job, meta: _Meta) -> AsyncIterator[str]:
+    try:
+        if job.kind == "chat":
+            first = _chunk(job, meta, None, None)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}  # type: ignore[index]
+            yield _sse(first)
+        while (event := await events.get())[0] == "text":
+            yield _sse(_chunk(job, meta, str(event[1]), None))
+        result = event[1]
+        if isinstance(result, BaseException):
+            log.error("stream failed: %s", result)
+            yield _sse(_STREAM_ERROR)
         else:
-            yield sse(_chunk(job, meta, None, value.finish_reason))
+            yield _sse(_chunk(job, meta, None, result.finish_reason))
             if job.include_usage:
-                usage = _envelope(job, meta, _chunk_kind(job), []) | {"usage": _usage(job, value)}
-                yield sse(usage)
+                usage = _envelope(job, meta, _chunk_kind(job), []) | {"usage": _usage(job, result)}
+                yield _sse(usage)
         yield "data: [DONE]\n\n"
-        return
+    finally:  # the client may have gone away mid-stream: stop decoding its row
+        job.row.cancelled = True

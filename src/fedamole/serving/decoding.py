@@ -60,6 +60,7 @@ class DecodeRow:
     stop: tuple[str, ...] = ()
     example: Example | None = None
     on_text: Callable[[str], None] | None = None
+    cancelled: bool = False  # set when the client went away: the row ends at its next token
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class RowDecoder:
     def add(self, token: int) -> None:
         if self.done:
             return
-        if token in self.stop_ids:
+        if token in self.stop_ids or self.row.cancelled:
             self._end("stop")
             return
         self.ids.append(token)
