@@ -86,8 +86,14 @@ def run_server(
     )
     app = create_app(pool, scheduler, keys, Limits(settings.max_new_tokens))
     scheme = "https" if settings.ssl_certfile else "http"
+    mode = (
+        "clients decoded together, continuous batching"
+        if pool.continuous_batch() is not None
+        else "one model at a time, batched within it"
+    )
     console.print(
-        f"serving {', '.join(pool.names())} at {scheme}://{settings.host}:{settings.port}/v1"
+        f"serving {', '.join(pool.names())} at {scheme}://{settings.host}:{settings.port}/v1 "
+        f"({mode}; up to {settings.max_batch} rows)"
     )
     scheduler.start()
     try:
