@@ -180,6 +180,8 @@ def test_keys_keep_each_organisation_to_its_own_models(fedamole_server):
         assert [m.id for m in _client(url, key).models.list()] == models
     no_key = httpx.get(f"{url}/v1/models")
     assert no_key.status_code == 401 and "API key" in no_key.json()["error"]["message"]
+    no_key_bad_body = httpx.post(f"{url}/v1/chat/completions", json={"model": "client-0"})
+    assert no_key_bad_body.status_code == 401  # the key is checked before the body
     with pytest.raises(openai.AuthenticationError) as wrong:
         _chat(_client(url, "sk-wrong-key-000"), "client-0", "hi")
     assert wrong.value.body["type"] == "invalid_request_error"

@@ -18,10 +18,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
@@ -190,10 +190,33 @@ class _Job:
     include_usage: bool
 
 
+def _visible(request: Request) -> frozenset[str]:
+    """The models the request's key may use (every model without --api-keys); 401 otherwise."""
+    keys: KeyRing | None = request.app.state.keys
+    if keys is None:
+        return request.app.state.names
+    header = request.headers.get("authorization", "")
+    key = header[7:].strip() if header.lower().startswith("bearer ") else None
+    models = keys.models_for(key)
+    if models is None:
+        message = (
+            "Incorrect API key provided."
+            if key
+            else "Missing API key: send 'Authorization: Bearer <key>'."
+        )
+        raise APIError(401, message, "invalid_request_error")
+    return models
+
+
+# A dependency, so the key is checked before the body is.
+Visible = Annotated[frozenset[str], Depends(_visible)]
+
+
 def create_app(
     pool: ModelPool, scheduler: BatchScheduler, keys: KeyRing | None, limits: Limits
 ) -> FastAPI:
     app = FastAPI(title="fedamole serve", version="1", docs_url=None, redoc_url=None)
+    app.state.keys, app.state.names = keys, frozenset(pool.names())
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -221,23 +244,8 @@ def create_app(
             500, "The server had an error processing your request.", "server_error"
         )
 
-    def allowed(request: Request) -> frozenset[str]:
-        if keys is None:
-            return frozenset(pool.names())
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header.lower().startswith("bearer ") else None
-        models = keys.models_for(key)
-        if models is None:
-            message = (
-                "Missing API key: send 'Authorization: Bearer <key>'."
-                if not key
-                else ("Incorrect API key provided.")
-            )
-            raise APIError(401, message, "invalid_request_error")
-        return models
-
-    def checked_model(request: Request, name: str) -> str:
-        if name not in allowed(request) or name not in pool.names():
+    def checked_model(visible: frozenset[str], name: str) -> str:
+        if name not in visible or name not in pool.names():
             raise model_not_found(name)
         return name
 
@@ -246,8 +254,7 @@ def create_app(
         return {"status": "ok", "models": len(pool.names())}
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, object]:
-        visible = allowed(request)
+    async def models(visible: Visible) -> dict[str, object]:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "fedamole"}
             for name in pool.names()
@@ -256,8 +263,8 @@ def create_app(
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
-        name = checked_model(request, body.model)
+    async def chat(body: ChatRequest, visible: Visible) -> JSONResponse | StreamingResponse:
+        name = checked_model(visible, body.model)
         prompter = pool.prompter(name)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
@@ -277,9 +284,9 @@ def create_app(
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
-        body: CompletionRequest, request: Request
+        body: CompletionRequest, visible: Visible
     ) -> JSONResponse | StreamingResponse:
-        name = checked_model(request, body.model)
+        name = checked_model(visible, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise bad_request("prompt: one prompt per request", "prompt")
