@@ -17,11 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.config import get_project_dir
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 from rich.console import Console
 
 from fedamole.config import Config
@@ -50,11 +52,15 @@ Reply = TypeVar("Reply", ClientUpdate, ClientEvaluation)
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the run's config; ``config-file`` is relative to the app."""
     _log_to_run_stream()
-    run = grid.run
-    settings = load_settings(
-        context.run_config, get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
-    )
-    run_federation(grid, settings)
+    run_federation(grid, load_settings(context.run_config, _app_dir(grid.run)))
+
+
+def _app_dir(run: Run) -> Path:
+    """Where the FAB was installed; the working directory for a simulation launched from Python
+    (:mod:`fedamole.transports.flower.simulation`), which has no FAB."""
+    if not run.fab_id:
+        return Path.cwd()
+    return get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
 
 
 def _log_to_run_stream() -> None:
