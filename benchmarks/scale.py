@@ -4,7 +4,10 @@ A FedAMoLE federation of 10, 100 and 1,000 clients, 20 sampled per round
 (``federation.clients_per_round``), 20 experts per module, 8 JSONL examples per client
 (iid), each size in a fresh process so peak RSS is its own. Per round it splits the wall time
 into client work (the transport's train and evaluate calls) and server work (everything else:
-payloads, aggregation, RSEA, records, checkpoint), and measures how much the run directory grew.
+payloads, aggregation, RSEA, records, checkpoint), times the checkpoint write, and measures how
+much the run directory grew: the round's own files (records, example scores, assignments) apart
+from the checkpoint, which holds every client's latest RSEA embeddings and so grows by the
+clients seen for the first time (none once all have been seen).
 It also times one RSEA assignment of 1,000 clients x 300 experts (60 modules), the solver alone,
 as benchmarks/assignment.py does. Printed: the table with each figure's ratio to the 10-client
 run. Targets: at 1,000 clients, server work per round <= 2x the 10-client figure plus RSEA's
@@ -65,24 +68,25 @@ def _dir_bytes(path: Path) -> int:
 
 @dataclass
 class Timer:
-    """Wraps the transport's client calls: their time, and the run dir's size at each round's
-    start (after the previous round's records and checkpoint)."""
+    """Wraps the transport's client calls (their time; at each round's start, after the previous
+    round's records and checkpoint, the run dir's size) and the checkpoint write (its time)."""
 
     run_dir: Path
     client_s: dict[int, float] = field(default_factory=dict)
+    checkpoint_s: list[float] = field(default_factory=list)
     starts: dict[int, float] = field(default_factory=dict)
     dir_bytes: dict[int, int] = field(default_factory=dict)
+    checkpoint_bytes: dict[int, int] = field(default_factory=dict)
 
-    def wrap(self, transport_cls: type) -> None:
+    def wrap(self, transport_cls: type, run_dir_cls: type) -> None:
         timer = self
 
-        def timed(name: str):
+        def timed_client(name: str):
             inner = getattr(transport_cls, name)
 
             def call(self, round_idx, payloads):
                 if name == "train":
-                    timer.starts[round_idx] = time.perf_counter()
-                    timer.dir_bytes[round_idx] = _dir_bytes(timer.run_dir)
+                    timer._round_starts(round_idx)
                 began = time.perf_counter()
                 result = inner(self, round_idx, payloads)
                 spent = time.perf_counter() - began
@@ -91,8 +95,22 @@ class Timer:
 
             setattr(transport_cls, name, call)
 
-        timed("train")
-        timed("evaluate")
+        save = run_dir_cls.save_checkpoint
+
+        def save_checkpoint(self, checkpoint):
+            began = time.perf_counter()
+            save(self, checkpoint)
+            timer.checkpoint_s.append(time.perf_counter() - began)
+
+        timed_client("train")
+        timed_client("evaluate")
+        run_dir_cls.save_checkpoint = save_checkpoint
+
+    def _round_starts(self, round_idx: int) -> None:
+        self.starts[round_idx] = time.perf_counter()
+        self.dir_bytes[round_idx] = _dir_bytes(self.run_dir)
+        checkpoint = self.run_dir / "checkpoint.safetensors"
+        self.checkpoint_bytes[round_idx] = checkpoint.stat().st_size if checkpoint.exists() else 0
 
 
 def one_size(clients: int, rounds: int, work: Path) -> dict[str, float]:
@@ -100,13 +118,14 @@ def one_size(clients: int, rounds: int, work: Path) -> dict[str, float]:
     round 0 pays for first-touch allocations)."""
     from rich.console import Console
 
+    from fedamole import reporting
     from fedamole.config import load_config
     from fedamole.transports import in_process
 
     data, out = work / "examples.jsonl", work / "run"
     _write_examples(data, 8 * clients)
     timer = Timer(out)
-    timer.wrap(in_process.InProcessTransport)
+    timer.wrap(in_process.InProcessTransport, reporting.RunDir)
     cfg = load_config(None, _settings(clients, rounds, data, out))
     began = time.perf_counter()
     in_process.run_simulation(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
@@ -115,6 +134,7 @@ def one_size(clients: int, rounds: int, work: Path) -> dict[str, float]:
     round_s = [timer.starts[r + 1] - timer.starts[r] for r in steady]
     client_s = [timer.client_s[r] for r in steady]
     growth = [timer.dir_bytes[r + 1] - timer.dir_bytes[r] for r in steady]
+    checkpoint = [timer.checkpoint_bytes[r + 1] - timer.checkpoint_bytes[r] for r in steady]
     return {
         "clients": clients,
         "round_s": statistics.median(round_s),
@@ -122,7 +142,11 @@ def one_size(clients: int, rounds: int, work: Path) -> dict[str, float]:
         "server_s": statistics.median(r - c for r, c in zip(round_s, client_s, strict=True)),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "run_dir_bytes": _dir_bytes(out),
-        "growth_bytes_per_round": statistics.median(growth),
+        "round_files_bytes_per_round": statistics.median(
+            g - c for g, c in zip(growth, checkpoint, strict=True)
+        ),
+        "checkpoint_growth_bytes_per_round": statistics.median(checkpoint),
+        "checkpoint_s": statistics.median(timer.checkpoint_s[r] for r in steady),
         "total_s": total,
     }
 
@@ -139,12 +163,17 @@ def rsea_seconds(repeats: int) -> float:
     return timing.wall
 
 
-def _child(clients: int, rounds: int) -> dict[str, float]:
+def _child(clients: int, rounds: int, threads: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--one", str(clients), "--rounds", str(rounds)]
+    cmd += ["--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{clients} clients failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
 
 
 def _table(rows: list[dict[str, float]], rsea_s: float) -> str:
@@ -154,14 +183,17 @@ def _table(rows: list[dict[str, float]], rsea_s: float) -> str:
         ("client_s", "client s"),
         ("server_s", "server s"),
         ("peak_rss_mib", "peak RSS MiB"),
+        ("checkpoint_s", "checkpoint s"),
         ("run_dir_bytes", "run dir KB"),
-        ("growth_bytes_per_round", "growth KB/round"),
+        ("round_files_bytes_per_round", "round files KB/round"),
+        ("checkpoint_growth_bytes_per_round", "checkpoint KB/round"),
     ]
-    scale = {"run_dir_bytes": 1e-3, "growth_bytes_per_round": 1e-3}
+    kilo = ("run_dir_bytes", "round_files_bytes_per_round", "checkpoint_growth_bytes_per_round")
+    scale = dict.fromkeys(kilo, 1e-3)
     lines = ["clients | " + " | ".join(f"{title} (x10-client)" for _, title in columns)]
     for row in rows:
         cells = [
-            f"{row[key] * scale.get(key, 1):.3f} ({row[key] / base[key]:.2f}x)"
+            f"{row[key] * scale.get(key, 1):.3f} ({_ratio(row[key], base[key])})"
             for key, _ in columns
         ]
         lines.append(f"{row['clients']:>7} | " + " | ".join(cells))
@@ -179,11 +211,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="per size; rounds 1..R-2 measured")
     parser.add_argument("--rsea-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: one size
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be >= 3 (round 0 and the last round are not measured)")
     if args.one is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # steadier timings on a shared machine
         with tempfile.TemporaryDirectory() as work:
             print(json.dumps(one_size(args.one, args.rounds, Path(work))))
         return 0
@@ -193,9 +229,10 @@ def main() -> int:
     )
     print(
         f"settings: FedAMoLE, tiny-random-llama, {PER_ROUND} clients per round, 20 experts, "
-        f"1 local step, {args.rounds} rounds (medians of rounds 1..{args.rounds - 2})"
+        f"1 local step, {args.rounds} rounds (medians of rounds 1..{args.rounds - 2}), "
+        f"{args.threads} torch thread(s)"
     )
-    rows = [_child(n, args.rounds) for n in SIZES]
+    rows = [_child(n, args.rounds, args.threads) for n in SIZES]
     print(_table(rows, rsea_seconds(args.rsea_repeats)))
     return 0
 
