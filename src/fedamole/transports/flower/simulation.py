@@ -28,9 +28,10 @@ from fedamole.transports.flower.settings import (
     RESUME,
 )
 
-# Every virtual SuperNode is registered before the first round; a reply never travels a network.
+# Every virtual SuperNode is registered before the first round (the wait ends once each has said
+# which client it is); a reply never travels a network.
 REPLY_TIMEOUT_S = 3600.0
-JOIN_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
