@@ -40,11 +40,18 @@ def _command(config: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _simulate(config: Path, out: Path, *extra: str) -> str:
-    done = subprocess.run(
-        _command(config, out, *extra), capture_output=True, text=True, timeout=300
+    """Run to the end; Ray's processes (in the command's own process group) end with it."""
+    proc = subprocess.Popen(
+        _command(config, out, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    wait_for(lambda: not _processes_in_group(proc.pid), "Ray's processes to end", timeout=30)
+    return stdout
 
 
 def _reference(config: Path, out: Path, *overrides: str, method: str | None = None) -> Path:
