@@ -31,8 +31,8 @@ from ortools.graph.python import min_cost_flow
 
 # Modules solved as one flow problem hold at most this many scores: batching saves per-call
 # overhead on small modules, but a flow problem costs more than linearly in its size, so a
-# 1,000-client x 300-expert module is best solved alone (1.8 s against 2.4 s for 60 rank-8
-# modules with 4,000,000; benchmarks/scale.py).
+# 1,000-client x 300-expert module is best solved alone (60 such modules of rank-8 scores, as in
+# benchmarks/assignment.py: 1.8 s, against 2.4 s in batches of 4,000,000 scores; 2 CPUs).
 _CHUNK_ENTRIES = 300_000
 # candidate arcs, in units of k_c per expert and of max(k_min, 1) per client (tuned by benchmark)
 _INITIAL_PER_EXPERT, _INITIAL_PER_CLIENT = 3, 8
