@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 from same_run import assert_same_run, wait_for
+from typer.testing import CliRunner
 
+from fedamole.cli import app
 from fedamole.config import load_config
+from fedamole.transports.flower import simulation
 from fedamole.transports.in_process import run_simulation
 
 pytest.importorskip("ray", reason="needs the simulation extra: pip install -e '.[simulation]'")
@@ -110,11 +113,15 @@ def test_killed_simulation_resumes_to_the_in_process_run(tiny_yaml, tmp_path):
     assert_same_run(out, reference, rounds=3, clients=CLIENTS)
 
 
-def test_bad_run_directory_is_refused_before_ray_starts(tiny_yaml, tmp_path):
+def test_bad_run_directory_is_refused_before_ray_starts(tiny_yaml, tmp_path, monkeypatch):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "something").write_text("")
-    done = subprocess.run(_command(tiny_yaml, out), capture_output=True, text=True, timeout=120)
-    message = " ".join(done.stdout.split())  # rich wraps it
-    assert done.returncode == 2 and "already exists and is not empty" in message
-    assert "ray" not in message.lower()
+    monkeypatch.setattr(simulation, "launch", _must_not_launch)  # a guard: nothing may start
+    result = CliRunner().invoke(app, _command(tiny_yaml, out)[1:])
+    message = " ".join(result.output.split())  # rich wraps it
+    assert result.exit_code == 2 and "already exists and is not empty" in message
+
+
+def _must_not_launch(spec):
+    raise AssertionError("the simulation was launched despite a bad run directory")
