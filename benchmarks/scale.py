@@ -240,7 +240,7 @@ def _table(rows: list[dict[str, float]], rsea_s: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="per size; rounds 1..R-2 measured")
-    parser.add_argument("--rsea-repeats", type=int, default=3)
+    parser.add_argument("--rsea-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: one size
     args = parser.parse_args()
