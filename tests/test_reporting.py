@@ -1,10 +1,11 @@
-"""Run summaries: validation-selected rounds, and clients missing from the final round."""
+"""Run summaries: validation-selected rounds, clients missing from the final round; the round
+files a resume rewinds."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedamole.reporting import metric_records, summarise
+from fedamole.reporting import METRICS, RunDir, metric_records, summarise
 
 
 def _records(client, rnd, val, test):
@@ -64,3 +65,22 @@ def test_best_mean_validation_round_is_one_round_for_everybody():
         "rougeL": pytest.approx(0.3),
     }
     assert [c["selected"]["round"] for c in summary["per_client"].values()] == [0, 1]
+
+
+def test_rounds_are_appended_and_a_resume_rewinds_past_a_cut_off_append(tmp_path):
+    """Each round adds only its own rows; a kill mid-append leaves a line without its newline,
+    which reading skips and a resume (rewind to the checkpoint's round) removes with the
+    un-checkpointed round's rows."""
+    run_dir = RunDir(tmp_path)
+    for rnd in (0, 1, 2):
+        run_dir.append_round(metric_records(rnd, 0, {"test_rougeL": 0.1 * rnd}, 1, 1), [])
+    assert [r["round"] for r in run_dir.read_records()] == [0, 0, 1, 1, 2, 2]
+    with (tmp_path / METRICS).open("a") as file:
+        file.write('{"round": 3, "cli')  # the append a kill cut short
+    assert [r["round"] for r in run_dir.read_records()] == [0, 0, 1, 1, 2, 2]
+
+    run_dir.rewind(2)
+    assert [r["round"] for r in run_dir.read_records()] == [0, 0, 1, 1]
+    assert (tmp_path / METRICS).read_text().endswith("\n")
+    run_dir.append_round(metric_records(2, 0, {"test_rougeL": 0.5}, 1, 1), [])
+    assert [r["round"] for r in run_dir.read_records()] == [0, 0, 1, 1, 2, 2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from fedamole.config import ConfigError, load_config
+from fedamole.config import Config, ConfigError, load_config
 
 app = typer.Typer(
     help="Personalised federated fine-tuning of LLMs with heterogeneous mixtures of LoRA experts.",
@@ -49,6 +50,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+class Transport(StrEnum):
+    """How `fedamole run` reaches its clients."""
+
+    IN_PROCESS = "in-process"
+    FLOWER_SIMULATION = "flower-simulation"
+
+
 @app.command()
 def run(
     config: ConfigOpt = None,
@@ -63,11 +71,25 @@ def run(
         str | None,
         typer.Option(help="fedamole (default, as rsea.mode says), a variant or a baseline"),
     ] = None,
+    transport: Annotated[
+        Transport,
+        typer.Option(
+            help="in-process: one process, clients in sequence on one backbone; "
+            "flower-simulation: the Flower apps on Flower's Simulation Engine (Ray), one virtual "
+            "SuperNode per client (needs fedamole[simulation])"
+        ),
+    ] = Transport.IN_PROCESS,
+    num_cpus: Annotated[
+        float, typer.Option(min=0.01, help="flower-simulation: CPUs Ray reserves per client")
+    ] = 1.0,
+    num_gpus: Annotated[
+        float,
+        typer.Option(min=0.0, help="flower-simulation: GPUs per client (0.25: four per GPU)"),
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run FedAMoLE (or another method) in one process (clients in sequence on one backbone)."""
+    """Run FedAMoLE (or another method): in one process, or on Flower's Simulation Engine."""
     from fedamole.compare import parse_methods
-    from fedamole.transports.in_process import run_simulation
 
     _setup_logging(verbose)
     overrides = list(set_ or []) + ([f"output.dir={out}"] if out else [])
@@ -76,7 +98,53 @@ def run(
         if len(names) != 1:
             raise ConfigError(f"--method takes one method, got {method!r} (compare runs several)")
         cfg = load_config(config, overrides)
-        run_simulation(cfg, resume=resume, console=console, method=names[0])
+        if transport is Transport.IN_PROCESS:
+            from fedamole.transports.in_process import run_simulation
+
+            run_simulation(cfg, resume=resume, console=console, method=names[0])
+            return
+        _check_simulation_run(cfg, names[0], resume)
+    _run_on_simulation_engine(cfg, config, overrides, names[0], resume, num_cpus, num_gpus)
+
+
+def _check_simulation_run(cfg: Config, method: str | None, resume: bool) -> None:
+    """What the ServerApp would refuse, refused before Ray starts: the method, the run
+    directory, Ray itself."""
+    import importlib.util
+
+    from fedamole.federation.setup import open_run
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "--transport flower-simulation needs Ray: pip install 'fedamole[simulation]'"
+        )
+    open_run(cfg, method, resume, with_data=False)
+
+
+def _run_on_simulation_engine(
+    cfg: Config,
+    config: Path | None,
+    overrides: list[str],
+    method: str | None,
+    resume: bool,
+    num_cpus: float,
+    num_gpus: float,
+) -> None:
+    from fedamole.transports.flower.simulation import (
+        Resources,
+        SimulationSpec,
+        launch,
+        run_config,
+    )
+
+    spec = SimulationSpec(
+        num_supernodes=cfg.federation.num_clients,
+        run_config=run_config(config, overrides, method, resume),
+        resources=Resources(num_cpus, num_gpus),
+    )
+    status = launch(spec)
+    if status != 0:
+        raise _fail(f"the simulation ended with exit status {status} (its log is above)")
 
 
 @app.command()

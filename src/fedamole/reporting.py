@@ -78,14 +78,21 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
+    """Every complete line; a last line without its newline is an append a kill cut short."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
-def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
-    """Rewrite the whole (small) file atomically so a kill never leaves half a line."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+def _lines(records: Iterable[Record]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _append_jsonl(path: Path, records: Iterable[Record]) -> None:
+    """Add one round's rows at the end, so a round costs its own rows, not the whole run's."""
+    with path.open("a") as file:
+        file.write(_lines(records))
 
 
 class RunDir:
@@ -165,19 +172,23 @@ class RunDir:
         return read_checkpoint(self.path / CHECKPOINT)
 
     # ------------------------------------------------------------------------------ records
-    def read_records(self, before_round: int | None = None) -> list[Record]:
-        """metrics.jsonl (of the rounds before ``before_round``, when given: a resumed run
-        drops what a killed round wrote after its checkpoint)."""
-        return _before(_read_jsonl(self.path / METRICS), before_round)
+    def read_records(self) -> list[Record]:
+        return _read_jsonl(self.path / METRICS)
 
-    def write_records(self, records: list[Record]) -> None:
-        _write_jsonl(self.path / METRICS, records)
+    def read_example_scores(self) -> list[Record]:
+        return _read_jsonl(self.path / EXAMPLE_SCORES)
 
-    def read_example_scores(self, before_round: int | None = None) -> list[Record]:
-        return _before(_read_jsonl(self.path / EXAMPLE_SCORES), before_round)
+    def append_round(self, records: list[Record], example_scores: list[Record]) -> None:
+        """One round's metric records and example scores (before its checkpoint is saved)."""
+        _append_jsonl(self.path / METRICS, records)
+        _append_jsonl(self.path / EXAMPLE_SCORES, example_scores)
 
-    def write_example_scores(self, rows: list[Record]) -> None:
-        _write_jsonl(self.path / EXAMPLE_SCORES, rows)
+    def rewind(self, round_idx: int) -> None:
+        """Keep the rows of the rounds before ``round_idx`` only: a resumed run drops what a
+        killed round wrote after the last checkpoint (rewritten atomically, once)."""
+        for name in (METRICS, EXAMPLE_SCORES):
+            rows = _before(_read_jsonl(self.path / name), round_idx)
+            atomic_write_text(self.path / name, _lines(rows))
 
     def start_tracking(self, cfg: Config, name: str, resume_round: int | None) -> None:
         """Open the tracker run (a resumed run continues the same one from ``resume_round``)."""
@@ -249,8 +260,8 @@ class RunDir:
             plot_diagnostics(folder / "rsea_diagnostics.png", server)
 
 
-def _before(records: list[Record], round_idx: int | None) -> list[Record]:
-    return records if round_idx is None else [r for r in records if r["round"] < round_idx]
+def _before(records: list[Record], round_idx: int) -> list[Record]:
+    return [r for r in records if r["round"] < round_idx]
 
 
 # ---------------------------------------------------------------------------------- records

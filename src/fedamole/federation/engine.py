@@ -91,8 +91,6 @@ class Engine:
     # The frozen base model's test metrics per client (``eval.base_model``), shown beside the
     # personalised ones in the summary; {} when not measured.
     base_scores: dict[int, Metrics] = field(default_factory=dict)
-    records: list[Record] = field(default_factory=list, init=False)
-    example_scores: list[Record] = field(default_factory=list, init=False)
 
     def run(self, initial_state: StateFactory, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round; returns the summary written to summary.json."""
@@ -108,16 +106,15 @@ class Engine:
 
         while state.round < self.cfg.federation.rounds:
             state = self._round(state)
-            self.run_dir.write_records(self.records)
-            self.run_dir.write_example_scores(self.example_scores)
             checkpoint = Checkpoint(state, self.transport.client_states(), elapsed())
             self.run_dir.save_checkpoint(checkpoint)
-        summary = {"method": self.method.name, **summarise(self.records, elapsed())}
+        records = self.run_dir.read_records()  # each round appended its own; none kept here
+        summary = {"method": self.method.name, **summarise(records, elapsed())}
         if self.base_scores:
             summary["base_model"] = {str(c): m for c, m in sorted(self.base_scores.items())}
         self.run_dir.write_summary(summary)
         self.run_dir.finish_tracking()
-        self.run_dir.write_plots(self.records, self.run_dir.latest_architectures())
+        self.run_dir.write_plots(records, self.run_dir.latest_architectures())
         self.console.print(summary_table(summary))
         self.console.print(
             f"outputs in {self.run_dir.path}/ (summary.json, metrics.jsonl, clients/)"
@@ -128,11 +125,12 @@ class Engine:
         if resume and self.run_dir.has_checkpoint:
             checkpoint = self.run_dir.load_checkpoint()
             self.transport.restore_client_states(checkpoint.client_states)
-            self.records = self.run_dir.read_records(before_round=checkpoint.state.round)
-            self.example_scores = self.run_dir.read_example_scores(checkpoint.state.round)
+            self.run_dir.rewind(checkpoint.state.round)
             self.console.print(f"resuming {self.run_dir.path} at round {checkpoint.state.round}")
             return checkpoint.state, checkpoint.wall_time_s
-        if not resume:
+        if resume:  # killed before round 0's checkpoint: drop what that round wrote
+            self.run_dir.rewind(0)
+        else:
             self.run_dir.start(self.cfg, self.method.name)
         return initial_state(participants(self.cfg, 0)), 0.0
 
@@ -176,9 +174,11 @@ class Engine:
         eval_bytes: dict[int, int],
         diagnostics: Metrics,
     ) -> None:
-        """Metrics and bytes per client that completed the round, and the server's record."""
+        """Metrics and bytes per client that completed the round, and the server's record,
+        appended to the run's files."""
         completed: dict[int, Metrics] = {}
-        first = len(self.records)
+        records: list[Record] = []
+        example_scores: list[Record] = []
         for c, update in sorted(updates.items()):
             metrics, scores = dict(update.metrics), dict(update.example_scores)
             if self.method.evaluates_after_aggregation:
@@ -188,11 +188,12 @@ class Engine:
                 metrics |= evaluations[c].metrics
                 scores |= evaluations[c].example_scores
             down = payload_nbytes(payloads[c]) + eval_bytes.get(c, 0)
-            self.records += metric_records(round_idx, c, metrics, update_nbytes(update), down)
-            self.example_scores += example_score_rows(round_idx, c, scores)
+            records += metric_records(round_idx, c, metrics, update_nbytes(update), down)
+            example_scores += example_score_rows(round_idx, c, scores)
             completed[c] = metrics
-        self.records += server_record(round_idx, diagnostics)
-        self.run_dir.track_round(round_idx, self.records[first:])
+        records += server_record(round_idx, diagnostics)
+        self.run_dir.append_round(records, example_scores)
+        self.run_dir.track_round(round_idx, records)
         if completed:
             self.console.print(round_table(round_idx, completed))
 

@@ -16,22 +16,33 @@ Missing data, by design:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedamole.types import ClientEmbeddings
 
 
-def _vector(value: Tensor, rank: int, what: str) -> np.ndarray:
-    """One embedding as float64 numpy, checked to have length r."""
-    array = value.detach().to("cpu").double().numpy().reshape(-1)
-    if array.shape != (rank,):
-        raise ValueError(
-            f"{what}: expected an embedding of length r={rank}, got {tuple(value.shape)}"
-        )
-    return array
+def _matrix(vectors: list[Tensor], rank: int, where: Callable[[int], str]) -> np.ndarray:
+    """The vectors as one float64 (n, r) array, converted at once (one conversion per vector
+    cost seconds at 1,000 clients x 300 experts), each checked to have length r."""
+    shape = (rank,)
+    rows = list(vectors)
+    for index, vector in enumerate(vectors):
+        if vector.shape == shape:
+            continue
+        if vector.numel() != rank:
+            raise ValueError(
+                f"{where(index)}: expected an embedding of length r={rank}, "
+                f"got {tuple(vector.shape)}"
+            )
+        rows[index] = vector.reshape(-1)
+    if not rows:
+        return np.zeros((0, rank))
+    with torch.no_grad():
+        return torch.stack(rows).to("cpu", torch.float64).numpy()
 
 
 def _module_embeddings(
@@ -42,21 +53,37 @@ def _module_embeddings(
     rank: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T (N_c, r), sum of eps per expert (N_e, r), reporters per expert (N_e,)) of one module."""
-    data = np.zeros((num_clients, rank))
-    sums = np.zeros((num_experts, rank))
-    counts = np.zeros(num_experts, dtype=np.int64)
+    rows: list[int] = []  # clients with a data embedding, and those embeddings
+    data_vectors: list[Tensor] = []
+    reporters: list[tuple[int, int]] = []  # (client, expert) of each expert embedding
+    eps_vectors: list[Tensor] = []
     for client, emb in embeddings.items():
         if not 0 <= client < num_clients:
             raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
         if module in emb.data:
-            data[client] = _vector(emb.data[module], rank, f"client {client}, {module}, data")
+            rows.append(client)
+            data_vectors.append(emb.data[module])
         for expert, eps in emb.experts.get(module, {}).items():
             if not 0 <= expert < num_experts:
                 raise ValueError(
                     f"client {client}, {module}: expert id {expert} outside 0..{num_experts - 1}"
                 )
-            sums[expert] += _vector(eps, rank, f"client {client}, {module}, expert {expert}")
-            counts[expert] += 1
+            reporters.append((client, expert))
+            eps_vectors.append(eps)
+    data = np.zeros((num_clients, rank))
+    data[rows] = _matrix(data_vectors, rank, lambda i: f"client {rows[i]}, {module}, data")
+    experts = [expert for _, expert in reporters]
+    sums = np.zeros((num_experts, rank))
+    np.add.at(  # in the clients' order, as a running sum would
+        sums,
+        experts,
+        _matrix(
+            eps_vectors,
+            rank,
+            lambda i: f"client {reporters[i][0]}, {module}, expert {reporters[i][1]}",
+        ),
+    )
+    counts = np.bincount(np.asarray(experts, dtype=np.int64), minlength=num_experts)
     return data, sums, counts
 
 

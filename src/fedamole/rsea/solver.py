@@ -29,7 +29,11 @@ from collections.abc import Sequence
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
-_CHUNK_ENTRIES = 4_000_000  # modules solved as one flow problem hold at most this many scores
+# Modules solved as one flow problem hold at most this many scores: batching saves per-call
+# overhead on small modules, but a flow problem costs more than linearly in its size, so a
+# 1,000-client x 300-expert module is best solved alone (60 such modules of rank-8 scores, as in
+# benchmarks/assignment.py: 1.8 s, against 2.4 s in batches of 4,000,000 scores; 2 CPUs).
+_CHUNK_ENTRIES = 300_000
 # candidate arcs, in units of k_c per expert and of max(k_min, 1) per client (tuned by benchmark)
 _INITIAL_PER_EXPERT, _INITIAL_PER_CLIENT = 3, 8
 _ADDED_PER_EXPERT, _ADDED_PER_CLIENT = 1, 2
@@ -429,7 +433,12 @@ def architectures_from_assignment(
     x = np.asarray(x, dtype=bool)
     if x.ndim != 3 or x.shape[0] != len(modules):
         raise ValueError(f"expected X of shape ({len(modules)}, N_e, N_c), got {x.shape}")
+    by_client = x.transpose(2, 0, 1)  # (N_c, n_modules, N_e): nonzero walks it client-major
+    experts = np.nonzero(by_client)[2].tolist()
+    ends = np.cumsum(by_client.sum(axis=2), axis=None).tolist()
+    starts = [0, *ends[:-1]]
+    n = len(modules)
     return [
-        {module: np.flatnonzero(x[m, :, c]).tolist() for m, module in enumerate(modules)}
+        {module: experts[starts[c * n + m] : ends[c * n + m]] for m, module in enumerate(modules)}
         for c in range(x.shape[2])
     ]

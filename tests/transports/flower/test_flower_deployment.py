@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from same_run import assert_same_run, records_of, wait_for
 
 from fedamole.config import load_config
 from fedamole.hmole.keys import state_keys
 from fedamole.transports.in_process import run_simulation
-
-
-def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return sorted(
-        (json.loads(line) for line in lines),
-        key=lambda r: (r["round"], r.get("client", -1), r["split"]),
-    )
-
-
-def _without_time(summary_file: Path) -> dict:
-    summary = json.loads(summary_file.read_text())
-    summary.pop("wall_time_s")
-    return summary
-
-
-def _assert_same_run(out: Path, reference: Path, rounds: int, clients: int) -> None:
-    """Per client and round: metrics, bytes up/down; the summary; assignments; the checkpoint
-    and every client's model, tensors bit-exactly."""
-    assert _records(out) == _records(reference)
-    assert _without_time(out / "summary.json") == _without_time(reference / "summary.json")
-    for name in (f"round_{r:03d}.json" for r in range(rounds)):
-        if (reference / "assignments" / name).exists():
-            assert (out / "assignments" / name).read_text() == (
-                reference / "assignments" / name
-            ).read_text()
-    for tensors in (
-        "checkpoint.safetensors",
-        *(f"clients/{c}/adapter.safetensors" for c in range(clients)),
-    ):
-        ours, theirs = load_file(str(out / tensors)), load_file(str(reference / tensors))
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[key], theirs[key]) for key in ours), tensors
 
 
 def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, tmp_path):
@@ -66,7 +32,7 @@ def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, t
 
     reference = tmp_path / "in-process"
     run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]), method="fedit")
-    _assert_same_run(out, reference, rounds=2, clients=3)
+    assert_same_run(out, reference, rounds=2, clients=3)
 
 
 def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
@@ -85,7 +51,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
         "reply-timeout": 240.0,
     }
     deployment.start_run(run_config)
-    _wait_for(lambda: (out / "checkpoint.safetensors").exists(), "round 0's checkpoint")
+    wait_for(lambda: (out / "checkpoint.safetensors").exists(), "round 0's checkpoint")
     deployment.kill_serverapp()
     deployment.kill("run")  # its log stream would wait for the dead ServerApp forever
     assert not (out / "summary.json").exists()
@@ -96,14 +62,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
 
     reference = tmp_path / "in-process"
     run_simulation(load_config(tiny_yaml, [f"output.dir={reference}", "federation.rounds=3"]))
-    _assert_same_run(out, reference, rounds=3, clients=3)
-
-
-def _wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    assert_same_run(out, reference, rounds=3, clients=3)
 
 
 def _experts_of(architecture: dict[str, list[int]]) -> list[str]:
@@ -126,17 +85,17 @@ def test_killed_supernode_is_dropped_then_rejoins(deployment, tiny_yaml, tmp_pat
         }
     )
     run_log = deployment.logs / "run.log"
-    _wait_for(lambda: "round 1: sending clients [0, 1]" in run_log.read_text(), "round 1")
+    wait_for(lambda: "round 1: sending clients [0, 1]" in run_log.read_text(), "round 1")
     after_round_0 = load_file(str(out / "checkpoint.safetensors"))
     deployment.kill(nodes[1])  # SIGKILL, with its ClientApp: a crash mid-round
     deployment.start_supernode(1, 2)  # the organisation restarts it; it rejoins as client 1
-    _wait_for(lambda: (out / "assignments" / "round_002.json").exists(), "round 2")
+    wait_for(lambda: (out / "assignments" / "round_002.json").exists(), "round 2")
     after_round_1 = load_file(str(out / "checkpoint.safetensors"))
     log = deployment.finish_run(timeout=300)
 
     assert "round 1: client 1 dropped from this round's train (" in log
     assert log.count("is client 1") == 2  # the restarted SuperNode was recognised as client 1
-    rounds_of = {c: {r["round"] for r in _records(out) if r.get("client") == c} for c in range(2)}
+    rounds_of = {c: {r["round"] for r in records_of(out) if r.get("client") == c} for c in range(2)}
     assert rounds_of == {0: {0, 1, 2}, 1: {0, 2}}
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
     held = json.loads((out / "assignments" / "round_001.json").read_text())["clients"]

@@ -20,7 +20,7 @@ from fedamole.transports.flower.records import (
     payload_from_record,
     update_to_record,
 )
-from fedamole.transports.flower.server_app import IDENTIFY_TIMEOUT, FlowerTransport, Roster
+from fedamole.transports.flower.server_app import FlowerTransport, Roster, identify_timeout
 from fedamole.transports.flower.settings import FlowerSettings
 from fedamole.types import ClientUpdate, ServerState
 
@@ -70,12 +70,12 @@ def test_roster_maps_nodes_to_clients_and_a_restarted_node_takes_its_client_back
     roster = Roster(num_clients=3)
     roster.refresh(grid)
     assert roster.online(grid) == {0: 11, 1: 22, 2: 33}
-    assert grid.timeouts == [IDENTIFY_TIMEOUT]
+    assert grid.timeouts == [identify_timeout(4)]  # 60 s and a little per node asked
 
     grid.nodes |= {55: identity(1), 66: identity(7, clients=9)}  # client 1 restarted; a stranger
     roster.refresh(grid)
     assert roster.online(grid) == {0: 11, 1: 55, 2: 33}
-    assert "node 44 did not say which client it is (no answer in 60 s)" in caplog.text
+    assert "node 44 did not say which client it is (no answer in 60.75 s)" in caplog.text
     assert "node 66 has partition-id=7 num-partitions=9" in caplog.text
     queried = [m.metadata.dst_node_id for m in grid.sent]
     assert sorted(queried) == [11, 22, 33, 44, 44, 55, 66]  # only the silent node is asked again
@@ -146,7 +146,7 @@ def test_silent_failing_and_garbled_clients_are_dropped_and_the_others_kept(capl
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     payload = payload_from_record(sent[0].content)
     assert payload.architecture == {"m.q_proj": [0, 1]} and payload.round == 4
-    assert grid.timeouts == [IDENTIFY_TIMEOUT, 7.5]
+    assert grid.timeouts == [identify_timeout(4), 7.5]
     assert all(m.metadata.ttl == 7.5 and m.metadata.group_id == "4" for m in sent)
     to_client_1 = payload_from_record(sent[1].content).weights
     assert {k for k in to_client_1 if ".experts." in k} == {

@@ -1,0 +1,116 @@
+"""The fedamole ServerApp and ClientApp on Flower's Simulation Engine (Ray backend): one virtual
+SuperNode per client, each given ``partition-id``/``num-partitions`` by the engine exactly as an
+organisation sets them with ``--node-config``, so it reads its own partition as a SuperNode does.
+
+:func:`launch` runs the simulation in a child process (``python -m`` this module) on the
+installed package: Ray replaces ``PYTHONPATH`` in its workers and keeps processes of its own, and
+a child that exits takes them all down with it. Flower 1.41's public ``run_simulation`` cannot pass
+a run config, so the child calls the function behind it (and ``flwr-simulation``) with the run
+config in the ServerApp's context; flwr is pinned, and a test runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flwr.app import UserConfigValue
+
+from fedamole.transports.flower.settings import (
+    CONFIG_FILE,
+    JOIN_TIMEOUT,
+    METHOD,
+    REPLY_TIMEOUT,
+    RESUME,
+)
+
+# Every virtual SuperNode is registered before the first round (the wait ends once each has said
+# which client it is); a reply never travels a network.
+REPLY_TIMEOUT_S = 3600.0
+JOIN_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What Ray reserves for each virtual client (Flower's ``client-resources``): a fractional
+    GPU puts several clients on one card (0.25: four at once), CPUs bound how many run at once."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """Everything the child process needs, as JSON on its command line."""
+
+    num_supernodes: int
+    run_config: dict[str, UserConfigValue]
+    resources: Resources = field(default_factory=Resources)
+
+    def backend_config(self) -> dict[str, dict[str, float]]:
+        return {"client_resources": asdict(self.resources)}
+
+
+def run_config(
+    config_file: Path | None, overrides: list[str], method: str | None, resume: bool
+) -> dict[str, UserConfigValue]:
+    """The ServerApp's run config for these CLI arguments: ``--set`` items become keys of their
+    own, which the ServerApp turns back into exactly those items."""
+    items = dict(_split(item) for item in overrides)
+    return {
+        CONFIG_FILE: str(config_file.resolve()) if config_file else "",
+        METHOD: method or "",
+        RESUME: resume,
+        REPLY_TIMEOUT: REPLY_TIMEOUT_S,
+        JOIN_TIMEOUT: JOIN_TIMEOUT_S,
+        **items,
+    }
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    return key.strip(), value
+
+
+def launch(spec: SimulationSpec) -> int:
+    """Run the simulation in a child process; its exit status (0: the run finished)."""
+    cmd = [sys.executable, "-m", __name__, json.dumps(asdict(spec))]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _simulate(spec: SimulationSpec) -> None:
+    """In the child: the apps of the FAB (``pyproject.toml``'s components) on the Ray backend."""
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedamole.transports.flower.client_app import app as client_app
+    from fedamole.transports.flower.server_app import app as server_app
+
+    context = Context(
+        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=spec.run_config
+    )
+    _run_simulation(
+        num_supernodes=spec.num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config=spec.backend_config(),
+        server_app_context=context,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", help="SimulationSpec as JSON")
+    doc = json.loads(parser.parse_args().spec)
+    resources = Resources(**doc.pop("resources"))
+    _simulate(SimulationSpec(resources=resources, **doc))
+
+
+if __name__ == "__main__":
+    main()
