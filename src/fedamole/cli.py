@@ -393,5 +393,38 @@ def serve(
         run_server(settings, run_dir, clients or None, models or [], device, console)
 
 
+@app.command("fleet-gateway")
+def fleet_gateway(
+    superlink: Annotated[
+        str, typer.Option(help="the SuperLink's loopback address, e.g. 127.0.0.1:9093")
+    ],
+    host: Annotated[str, typer.Option(help="public address SuperNodes connect to")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 9092,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="certificate SuperNodes verify (the SuperLink's)")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="the key of --ssl-certfile")] = None,
+    superlink_ca: Annotated[
+        Path | None, typer.Option(help="CA of the SuperLink's TLS (when it has TLS)")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="plain HTTP outside: local try-outs only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Expose only the SuperLink's Fleet API (what SuperNodes use) on a public address; its
+    Control API (register nodes, submit runs) stays on loopback for the operator."""
+    from fedamole.transports.flower.gateway import GatewaySettings, run_gateway
+
+    _setup_logging(verbose)
+    settings = GatewaySettings(
+        superlink, host, port, ssl_certfile, ssl_keyfile, superlink_ca, insecure
+    )
+    with _user_errors():
+        settings.check()
+        console.print(
+            f"Fleet gateway on {host}:{port} -> {settings.upstream_url()} (only /v1/fleet/)"
+        )
+        run_gateway(settings)
+
+
 if __name__ == "__main__":
     app()

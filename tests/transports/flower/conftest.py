@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,7 +55,8 @@ class Deployment:
         self.app = root / "app"
         self.app.mkdir()
         shutil.copy(REPO / "pyproject.toml", self.app)
-        self.port = free_port()
+        self.port = free_port()  # the SuperLink's: every API (loopback only)
+        self.gateway_port: int | None = None  # the Fleet gateway's: what SuperNodes reach
         self.processes: dict[str, subprocess.Popen] = {}
         self._log_files: list[IO[str]] = []
         self.env = {
@@ -63,11 +65,18 @@ class Deployment:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # the tests' config files lie beside the deployment folder, outside the app
+            "FEDAMOLE_FLOWER_CONFIG_DIR": str(root.parent),
         }
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the gateway when there is one, else the SuperLink."""
+        return f"127.0.0.1:{self.gateway_port or self.port}"
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
@@ -99,12 +108,32 @@ class Deployment:
         self.write_connection(certs)
         self.wait_for_log("superlink", "Uvicorn running on")
 
+    def start_gateway(self, certs: Path) -> None:
+        """The README's `fedamole fleet-gateway` in front of the SuperLink, with its TLS."""
+        self.gateway_port = free_port()
+        self._start(
+            "gateway",
+            [f"{BIN}/fedamole", "fleet-gateway", "--superlink", self.address]
+            + ["--host", "127.0.0.1", "--port", str(self.gateway_port)]
+            + ["--ssl-certfile", f"{certs}/server.pem", "--ssl-keyfile", f"{certs}/server.key"]
+            + ["--superlink-ca", f"{certs}/ca.crt"],
+        )
+        deadline = time.monotonic() + 30
+        while not _accepts(self.gateway_port):
+            assert self.processes["gateway"].poll() is None, self.tail("gateway")
+            assert time.monotonic() < deadline, self.tail("gateway")
+            time.sleep(0.2)
+        self.write_connection(certs)
+
     def write_connection(self, certs: Path | None) -> None:
-        """The SuperLink connection the `flwr` CLI uses (flwr 1.41 keeps it in FLWR_HOME)."""
+        """The `flwr` CLI's connections (flwr 1.41 keeps them in FLWR_HOME): the operator's to
+        the SuperLink, and `outside`, to the address SuperNodes use, as an outsider holding the
+        public CA certificate would write it."""
         trust = f'root-certificates = "{certs}/ca.crt"' if certs else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n\n'
+            f'[superlink.outside]\naddress = "{self.fleet_address}"\n{trust}\n'
         )
 
     def start_supernode(
@@ -116,7 +145,7 @@ class Deployment:
         tls = ["--root-certificates", f"{certs}/ca.crt"] if certs else ["--insecure"]
         self._start(
             name,
-            [f"{BIN}/flower-supernode", *tls, "--superlink", self.address]
+            [f"{BIN}/flower-supernode", *tls, "--superlink", self.fleet_address]
             + ["--port", str(free_port()), "--max-wait-time", "60"]
             + (["--auth-supernode-private-key", str(key)] if key else [])
             + ["--node-config", f"partition-id={partition} num-partitions={partitions}"],
@@ -134,13 +163,21 @@ class Deployment:
             timeout=timeout,
         )
 
-    def start_run(self, run_config: dict[str, object]) -> str:
+    def start_run(self, run_config: dict[str, object], name: str = "run") -> str:
         """Submit the FedAMoLE app (`flwr run <app> test --stream -c ...`) in the background."""
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         self._start(
-            "run", [f"{BIN}/flwr", "run", str(self.app), CONNECTION, "--stream", "-c", overrides]
+            name, [f"{BIN}/flwr", "run", str(self.app), CONNECTION, "--stream", "-c", overrides]
         )
-        return "run"
+        return name
+
+    def register(self, public_key: Path, connection: str = CONNECTION) -> int:
+        """`flwr supernode register`: the node id the SuperLink gave the key."""
+        done = self.flwr("supernode", "register", str(public_key), connection)
+        assert done.returncode == 0, done.stdout + done.stderr
+        ids = re.findall(r"\b\d{6,}\b", done.stdout)
+        assert len(ids) == 1, done.stdout
+        return int(ids[0])
 
     def finish_run(self, timeout: float) -> str:
         """Wait for the submitted run's log stream to end; return what it printed."""
@@ -208,6 +245,11 @@ class Deployment:
             log.close()
 
 
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from /proc (Linux)."""
     parents: dict[int, int] = {}
@@ -247,10 +289,10 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def certs(tmp_path) -> Path:
-    """Test CA, SuperLink certificate and 2 SuperNode key pairs from the README's script."""
+    """Test CA, SuperLink certificate and 3 SuperNode key pairs from the README's script."""
     out = tmp_path / "certificates"
     script = REPO / "scripts" / "make_test_certs.py"
-    subprocess.run([sys.executable, str(script), str(out), "--nodes", "2"], check=True)
+    subprocess.run([sys.executable, str(script), str(out), "--nodes", "3"], check=True)
     return out
 
 

@@ -22,6 +22,7 @@ def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, t
     deployment.start_run(
         {
             "config-file": str(tiny_yaml),
+            "self-declared-partitions": True,  # insecure local try-out: no roster
             "output.dir": str(out),
             "method": "fedit",
             "reply-timeout": 240.0,
@@ -46,6 +47,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
     out = tmp_path / "flower-run"
     run_config = {
         "config-file": str(tiny_yaml),
+        "self-declared-partitions": True,
         "output.dir": str(out),
         "federation.rounds": 3,
         "reply-timeout": 240.0,
@@ -78,6 +80,7 @@ def test_killed_supernode_is_dropped_then_rejoins(deployment, tiny_yaml, tmp_pat
     deployment.start_run(
         {
             "config-file": str(tiny_yaml),
+            "self-declared-partitions": True,  # insecure local try-out: no roster
             "output.dir": str(out),
             "federation.num_clients": 2,
             "federation.rounds": 3,

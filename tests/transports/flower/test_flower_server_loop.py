@@ -83,6 +83,20 @@ def test_roster_maps_nodes_to_clients_and_a_restarted_node_takes_its_client_back
     assert roster.online(grid) == {0: 11, 1: 55}
 
 
+def test_with_a_roster_only_its_nodes_get_work_and_only_as_their_own_client(caplog):
+    """Node 22 says it is client 0, which node 11 is; node 99 is registered but not on the
+    roster and claims client 1. Neither gets a client, and node 99 is never even asked."""
+    grid = ScriptedGrid({11: identity(0), 22: identity(0), 33: identity(2), 99: identity(1)})
+    roster = Roster(num_clients=3, assigned={11: 0, 22: 1, 33: 2})
+    roster.refresh(grid)
+    assert roster.online(grid) == {0: 11, 2: 33}
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [11, 22, 33]
+    assert "node 99 is not on the roster (roster-file): it gets no work" in caplog.text
+    assert "node 22 claims partition-id=0, but the roster makes it client 1" in caplog.text
+    roster.refresh(grid)  # nobody is asked twice, nothing changes
+    assert len(grid.sent) == 3 and roster.online(grid) == {0: 11, 2: 33}
+
+
 def _state() -> ServerState:
     archs = [{"m.q_proj": [0, 1]}, {"m.q_proj": [1, 2]}, {"m.q_proj": [0, 2]}, {"m.q_proj": [1, 2]}]
     keys = {k for arch in archs for k in state_keys(arch)}

@@ -37,7 +37,7 @@ from fedamole.transports.flower.records import (
     payload_to_record,
     update_from_record,
 )
-from fedamole.transports.flower.settings import FlowerSettings, load_settings
+from fedamole.transports.flower.settings import FlowerSettings, NodeRoster, load_settings
 from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, ServerState, StateDict
 
 log = logging.getLogger("fedamole.flower")
@@ -85,18 +85,29 @@ def _log_to_run_stream() -> None:
 
 @dataclass
 class Roster:
-    """Which SuperNode is which client. Flower picks node ids; operators pick partition ids, so
-    the server asks each node it has not met yet. The latest node to claim a client wins, which
-    is how a restarted SuperNode takes its client back."""
+    """Which SuperNode is which client.
+
+    With the operator's ``assigned`` roster (node id -> client id, from ``roster-file``) a node
+    holds only the client the operator gave it, and only while its own ``partition-id`` agrees;
+    any other node gets no work and is named in the log. With self-declared partitions
+    (``assigned`` None, local experiments only) each node is the client it says it is and the
+    latest claim wins, which is how a restarted SuperNode with a new node id takes its client
+    back. Either way one client has at most one node.
+    """
 
     num_clients: int
-    # node id -> client id, in the order nodes were identified; None: a node not of this run
+    assigned: NodeRoster | None = None
+    # node id -> client id, in the order nodes were identified; None: a node that gets no work
     clients: dict[int, int | None] = field(default_factory=dict)
 
     def refresh(self, grid: Grid) -> None:
         """Ask every online node not met yet which client it is; silent ones are asked again
-        at the next refresh."""
+        at the next refresh. Nodes off the roster are not asked: they get no message at all."""
         new = [node for node in grid.get_node_ids() if node not in self.clients]
+        for node in [n for n in new if self.assigned is not None and n not in self.assigned]:
+            log.error("node %d is not on the roster (roster-file): it gets no work", node)
+            self.clients[node] = None
+        new = [node for node in new if node not in self.clients]
         if not new:
             return
         timeout = identify_timeout(len(new))
@@ -116,18 +127,36 @@ class Roster:
                 self.clients[node] = self._client_of(node, *identity_from_record(reply.content))
 
     def _client_of(self, node: int, client: int, num_partitions: int) -> int | None:
-        if num_partitions == self.num_clients and 0 <= client < num_partitions:
-            log.info("node %d is client %d", node, client)
-            return client
-        log.error(
-            "node %d has partition-id=%d num-partitions=%d, but this run has "
-            "federation.num_clients=%d; the node is ignored",
-            node,
-            client,
-            num_partitions,
-            self.num_clients,
-        )
-        return None
+        if num_partitions != self.num_clients or not 0 <= client < num_partitions:
+            log.error(
+                "node %d has partition-id=%d num-partitions=%d, but this run has "
+                "federation.num_clients=%d; the node is ignored",
+                node,
+                client,
+                num_partitions,
+                self.num_clients,
+            )
+            return None
+        if self.assigned is not None and self.assigned[node] != client:
+            log.error(
+                "node %d claims partition-id=%d, but the roster makes it client %d: it gets "
+                "no work (fix the roster or the node's --node-config)",
+                node,
+                client,
+                self.assigned[node],
+            )
+            return None
+        for other, held in self.clients.items():
+            if held == client:
+                log.warning(
+                    "node %d claims client %d, which node %d held: the newer claim wins "
+                    "(self-declared partitions)",
+                    node,
+                    client,
+                    other,
+                )
+        log.info("node %d is client %d", node, client)
+        return client
 
     def online(self, grid: Grid) -> dict[int, int]:
         """client id -> node id for the clients whose node is online (latest claim wins)."""
@@ -178,7 +207,7 @@ class FlowerTransport:
         self.cfg = cfg
         self.method = method
         self.run_dir = run_dir
-        self.roster = Roster(cfg.federation.num_clients)
+        self.roster = Roster(cfg.federation.num_clients, settings.roster)
 
     def connect(self) -> None:
         self.roster.wait_for_all(self.grid, self.settings.join_timeout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -21,11 +22,13 @@ from pathlib import Path
 from flwr.app import UserConfigValue
 
 from fedamole.transports.flower.settings import (
+    CONFIG_DIR_ENV,
     CONFIG_FILE,
     JOIN_TIMEOUT,
     METHOD,
     REPLY_TIMEOUT,
     RESUME,
+    SELF_DECLARED,
 )
 
 # Every virtual SuperNode is registered before the first round (the wait ends once each has said
@@ -59,10 +62,12 @@ def run_config(
     config_file: Path | None, overrides: list[str], method: str | None, resume: bool
 ) -> dict[str, UserConfigValue]:
     """The ServerApp's run config for these CLI arguments: ``--set`` items become keys of their
-    own, which the ServerApp turns back into exactly those items."""
+    own, which the ServerApp turns back into exactly those items. Virtual nodes are numbered by
+    the engine itself, in one process tree of the user's, so their partitions are trusted."""
     items = dict(_split(item) for item in overrides)
     return {
         CONFIG_FILE: str(config_file.resolve()) if config_file else "",
+        SELF_DECLARED: True,
         METHOD: method or "",
         RESUME: resume,
         REPLY_TIMEOUT: REPLY_TIMEOUT_S,
@@ -79,7 +84,15 @@ def _split(item: str) -> tuple[str, str]:
 def launch(spec: SimulationSpec) -> int:
     """Run the simulation in a child process; its exit status (0: the run finished)."""
     cmd = [sys.executable, "-m", __name__, json.dumps(asdict(spec))]
-    return subprocess.run(cmd, check=False).returncode
+    return subprocess.run(cmd, check=False, env=_child_env(spec)).returncode
+
+
+def _child_env(spec: SimulationSpec) -> dict[str, str]:
+    """The user's own config file may lie anywhere: its folder is where the ServerApp may read
+    run-config files from (there is no app folder without a FAB)."""
+    config_file = str(spec.run_config.get(CONFIG_FILE, ""))
+    folder = {CONFIG_DIR_ENV: str(Path(config_file).parent)} if config_file else {}
+    return {**os.environ, **folder}
 
 
 def _simulate(spec: SimulationSpec) -> None:
