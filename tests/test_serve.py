@@ -329,3 +329,129 @@ def test_a_row_whose_client_went_away_stops_at_its_next_token(runs):
     while batch.active:
         batch.step()
     assert out["leaves"].completion_tokens < out["stays"].completion_tokens
+
+
+# ------------------------------------------------------------------ one organisation vs the rest
+@pytest.fixture(scope="module")
+def guarded_server(runs, tmp_path_factory) -> Iterator[str]:
+    """Keys, a body limit of 12 MB and 1 s header and idle timeouts."""
+    keys = tmp_path_factory.mktemp("guarded") / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    keys.chmod(0o600)
+    limits = ["--max-body-bytes", "12000000", "--header-timeout", "1", "--idle-timeout", "1"]
+    yield from _serve(
+        ["--run", str(runs["fedamole"]), "--api-keys", str(keys), *limits],
+        keys.parent / "serve.log",
+    )
+
+
+def test_one_huge_request_does_not_hold_up_another_organisation(guarded_server, generated):
+    """A 10 MiB chat body (under the limit) from organisation one while organisation zero asks
+    normal questions: theirs are answered as alone, and the huge one is refused by its length
+    without being tokenised (benchmarks/serve.py times the other organisation's requests)."""
+    url = guarded_server
+    huge = {"model": "client-1", "messages": [{"role": "user", "content": "x" * (10 << 20)}]}
+    headers = {"Authorization": "Bearer sk-org-one-11111"}
+
+    def send_huge() -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json=huge, headers=headers, timeout=120)
+
+    api = _client(url, "sk-org-zero-0000")
+    with ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(send_huge)
+        answers = [_chat(api, "client-0", prompt) for prompt in PROMPTS[:3]]
+        assert refused.result().status_code == 400
+    message = refused.result().json()["error"]["message"]
+    assert "maximum context length" in message and "characters" in message  # never tokenised
+    assert answers == [generated["fedamole", 0, p] for p in PROMPTS[:3]]
+
+
+def _raw(url: str, data: bytes, timeout: float = 30) -> bytes:
+    """What the server answers on one TCP connection to ``data`` (b"" if it just closes)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(guarded_server):
+    """Only the headers go out: a declared 20 MB body is answered 413 without being read."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-org-zero-0000"
+        b"\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n"
+    )
+    answer = _raw(guarded_server, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"--max-body-bytes" in answer
+    big = httpx.post(
+        f"{guarded_server}/v1/chat/completions",
+        content=b"{" + b" " * 12_000_001 + b"}",
+        headers={"Authorization": "Bearer sk-org-zero-0000", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert big.status_code == 413 and "--max-body-bytes" in big.json()["error"]["message"]
+
+
+def test_silent_and_trickling_connections_are_closed(guarded_server):
+    assert _raw(guarded_server, b"") == b""  # sends nothing: closed after the header timeout
+    host, port = guarded_server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        for _ in range(40):  # one header byte every 0.1 s never completes the headers
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+            if closed:
+                break
+        assert closed
+    assert httpx.get(f"{guarded_server}/health").status_code == 200  # and the server goes on
+
+
+def test_health_tells_only_a_key_holder_how_many_models(guarded_server):
+    assert httpx.get(f"{guarded_server}/health").json() == {"status": "ok"}
+    wrong = httpx.get(f"{guarded_server}/health", headers={"Authorization": "Bearer sk-nobody-00"})
+    assert wrong.json() == {"status": "ok"}
+    one = httpx.get(
+        f"{guarded_server}/health", headers={"Authorization": "Bearer sk-org-one-11111"}
+    )
+    assert one.json() == {"status": "ok", "models": 2}
+
+
+def test_a_key_given_twice_is_refused_and_a_readable_key_file_warned(tmp_path, caplog):
+    from fedamole.serving.api import KeyFileError, KeyRing
+    from fedamole.serving.server import ServerSettings, check_settings
+
+    twice = tmp_path / "keys.yaml"
+    twice.write_text(
+        '"sk-org-zero-0000": [client-0]\n"sk-org-one-11111": [client-1]\n'
+        '"sk-org-zero-0000": ["*"]\n'
+    )
+    with pytest.raises(KeyFileError, match="lines 1 and 3 give the same key") as err:
+        KeyRing.read(twice)
+    assert "sk-org-zero" not in str(err.value)
+    as_json = tmp_path / "keys.json"
+    as_json.write_text('{"sk-org-zero-0000": ["client-0"],\n "sk-org-zero-0000": ["*"]}')
+    with pytest.raises(KeyFileError, match="lines 1 and 2"):
+        KeyRing.read(as_json)
+
+    keys = tmp_path / "ok.json"
+    keys.write_text(json.dumps(KEYS))
+    for mode, warned in ((0o644, True), (0o600, False)):
+        keys.chmod(mode)
+        caplog.clear()
+        check_settings(ServerSettings(api_keys=keys))
+        assert ("can be read by other users" in caplog.text) == warned

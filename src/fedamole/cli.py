@@ -366,6 +366,15 @@ def serve(
     device: DeviceOpt = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS (uvicorn's TLS)")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="the key of --ssl-certfile")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="larger request bodies get 413 before they are read")
+    ] = 1 << 20,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="s a connection has to send its request headers")
+    ] = 10.0,
+    idle_timeout: Annotated[
+        float, typer.Option(min=0.1, help="s an idle connection or a paused body is kept")
+    ] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve personalised models behind one OpenAI-compatible endpoint (/v1/chat/completions,
@@ -388,6 +397,9 @@ def serve(
         batch_window_ms / 1000,
         ssl_certfile,
         ssl_keyfile,
+        max_body_bytes,
+        header_timeout,
+        idle_timeout,
     )
     with _user_errors():
         run_server(settings, run_dir, clients or None, models or [], device, console)

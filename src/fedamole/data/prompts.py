@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -80,6 +81,13 @@ class Prompter:
     tokenizer: PreTrainedTokenizerBase
     chat: bool
     stop_token_ids: tuple[int, ...]
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one token covers (its vocabulary spelling is at
+        least as long), so a text of more than ``n * longest_token_chars`` characters surely
+        has more than ``n`` tokens: a server refuses it without tokenising it."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
 
     def prompt(self, example: Example) -> str:
         """The text the model is conditioned on (ends with the chat generation prompt)."""

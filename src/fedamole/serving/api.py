@@ -26,7 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from fedamole.config import ConfigError
 from fedamole.data.example import UNLABELLED, Example
@@ -70,6 +73,29 @@ class KeyFileError(ConfigError):
     """A key file that cannot be used; the message names the file and the entry."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML (and so JSON) whose mappings refuse a key given twice: PyYAML keeps the last entry
+    silently, which would grant a key listed for one client and again for ``"*"`` everything."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise KeyFileError(
+                    f"the entries at lines {lines[key]} and {line} give the same key; "
+                    "each key must appear once, with every model it may use"
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether the group or anyone else may read ``path`` (POSIX permission bits)."""
+    return bool(path.stat().st_mode & 0o044)
+
+
 class KeyRing:
     """API keys and the models each may use, from a YAML/JSON file mapping each key to a list
     of model names (``"*"``: every model). Keys are compared in constant time, never logged."""
@@ -83,8 +109,10 @@ class KeyRing:
         if not path.is_file():
             raise KeyFileError(f"--api-keys {path}: no such file")
         try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except KeyFileError as exc:
+            raise KeyFileError(f"--api-keys {path}: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise KeyFileError(f"--api-keys {path}: not YAML/JSON ({exc})") from None
         if not isinstance(doc, dict) or not doc:
             raise KeyFileError(
@@ -122,6 +150,64 @@ class KeyRing:
             if hmac.compare_digest(given, stored):
                 found = models
         return found
+
+
+# ---------------------------------------------------------------------------------- bodies
+class BodyLimit:
+    """Reads each request's body before the app sees it: refused with 413 as soon as it is
+    declared or found larger than ``max_bytes`` (nothing more is read), with 408 when it pauses
+    longer than ``idle_s``; only a body that fits reaches parsing, so one request cannot make
+    the server parse, hold or wait for an unbounded body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float) -> None:
+        self.app, self.max_bytes, self.idle_s = app, max_bytes, idle_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                response = error_response(
+                    408, f"The request body paused over {self.idle_s:g} s.", "invalid_request_error"
+                )
+                return await response(scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413,
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+            "(--max-body-bytes).",
+            "invalid_request_error",
+        )
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, then the connection's own messages (e.g. its disconnect)."""
+    sent = False
+
+    async def replayed() -> ASGIMessage:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 # ---------------------------------------------------------------------------------- schemas
@@ -178,7 +264,12 @@ class CompletionRequest(_Request):
 # ---------------------------------------------------------------------------------- the app
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask of the server: tokens to generate, bytes of body, and how long
+    its body may pause between chunks (seconds)."""
+
     max_new_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    body_idle_s: float = 5.0
 
 
 @dataclass
@@ -190,13 +281,17 @@ class _Job:
     include_usage: bool
 
 
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
 def _visible(request: Request) -> frozenset[str]:
     """The models the request's key may use (every model without --api-keys); 401 otherwise."""
     keys: KeyRing | None = request.app.state.keys
     if keys is None:
         return request.app.state.names
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header.lower().startswith("bearer ") else None
+    key = _bearer(request)
     models = keys.models_for(key)
     if models is None:
         message = (
@@ -217,6 +312,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="fedamole serve", version="1", docs_url=None, redoc_url=None)
     app.state.keys, app.state.names = keys, frozenset(pool.names())
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, idle_s=limits.body_idle_s)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -250,8 +346,10 @@ def create_app(
         return name
 
     @app.get("/health")
-    async def health() -> dict[str, object]:
-        return {"status": "ok", "models": len(pool.names())}
+    async def health(request: Request) -> dict[str, object]:
+        """Up or not for anyone; how many models only for a key that may use them."""
+        visible = keys.models_for(_bearer(request)) if keys is not None else app.state.names
+        return {"status": "ok"} | ({"models": len(visible)} if visible else {})
 
     @app.get("/v1/models")
     async def models(visible: Visible) -> dict[str, object]:
@@ -267,8 +365,9 @@ def create_app(
         name = checked_model(visible, body.model)
         prompter = pool.prompter(name)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt_ids = prompter.chat_ids(messages)
+        _check_characters(pool, name, sum(len(m["content"]) for m in messages), "messages")
+        try:  # tokenising is CPU work: off the event loop, so other requests go on meanwhile
+            prompt_ids = await run_in_threadpool(prompter.chat_ids, messages)
         except (ValueError, TemplateError) as exc:  # e.g. roles the chat template refuses
             raise bad_request(f"messages: {exc}", "messages") from None
         example = _instruction(messages)
@@ -294,11 +393,24 @@ def create_app(
             raise bad_request(
                 f"{name} mixes its adapters per instruction: use /v1/chat/completions", "model"
             )
-        prompt_ids = pool.prompter(name).text_ids(prompts[0])
+        _check_characters(pool, name, len(prompts[0]), "prompt")
+        prompt_ids = await run_in_threadpool(pool.prompter(name).text_ids, prompts[0])
         job = _job(pool, limits, body, name, prompt_ids, body.max_tokens, None, "text")
         return await _respond(scheduler, job, body.stream)
 
     return app
+
+
+def _check_characters(pool: ModelPool, name: str, chars: int, param: str) -> None:
+    """Refuse a prompt that cannot fit the context before spending CPU on tokenising it."""
+    context = pool.max_length(name)
+    if chars > context * pool.prompter(name).longest_token_chars:
+        raise bad_request(
+            f"This model's maximum context length is {context} tokens (model.max_length), "
+            f"and a prompt of {chars} characters is longer than that. Please reduce the length "
+            "of the prompt.",
+            param,
+        )
 
 
 def _instruction(messages: list[dict[str, str]]) -> Example | None:

@@ -1,11 +1,15 @@
 """``fedamole serve``: the pool, the decoding thread and the API, run by uvicorn.
 
 Without ``--api-keys`` the server binds only to a loopback address (anyone who can reach it can
-use every model); with keys, each organisation's key sees and uses only its own models.
+use every model); with keys, each organisation's key sees and uses only its own models. No
+connection may hold the server without sending: request headers must arrive within
+``header_timeout_s`` of the connection opening (or of the previous response), an idle kept-alive
+connection closes after ``idle_timeout_s``, and a body that pauses longer is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -13,9 +17,10 @@ from pathlib import Path
 
 import uvicorn
 from rich.console import Console
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedamole.config import ConfigError
-from fedamole.serving.api import KeyRing, Limits, create_app
+from fedamole.serving.api import KeyRing, Limits, create_app, readable_by_others
 from fedamole.serving.pool import ExportPool, ModelPool, RunPool
 from fedamole.serving.scheduler import BatchScheduler
 
@@ -33,6 +38,59 @@ class ServerSettings:
     batch_window_s: float = 0.01
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    max_body_bytes: int = 1 << 20
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+
+    def limits(self) -> Limits:
+        return Limits(self.max_new_tokens, self.max_body_bytes, self.idle_timeout_s)
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, which waits for request headers forever, given a deadline: from
+    the moment a connection opens or finishes a response until the next request's headers are
+    complete; a connection that sends nothing or trickles its headers is closed then."""
+
+    header_timeout_s = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.cycle
+        super().data_received(data)
+        if self.cycle is not waiting:  # a new request's headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if not busy:
+            self.transport.close()
+
+
+def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
+    """The protocol class uvicorn instantiates per connection, with this server's deadline."""
+    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": timeout_s})
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +116,13 @@ def check_settings(settings: ServerSettings) -> None:
             raise ConfigError(f"{path}: no such file")
     if settings.api_keys is not None:
         KeyRing.read(settings.api_keys)
+        if readable_by_others(settings.api_keys):
+            log.warning(
+                "--api-keys %s can be read by other users of this machine: "
+                "restrict it with `chmod 600 %s`",
+                settings.api_keys,
+                settings.api_keys,
+            )
 
 
 def build_pool(
@@ -84,7 +149,7 @@ def run_server(
     scheduler = BatchScheduler(
         pool, settings.max_batch, settings.max_queue, settings.batch_window_s
     )
-    app = create_app(pool, scheduler, keys, Limits(settings.max_new_tokens))
+    app = create_app(pool, scheduler, keys, settings.limits())
     scheme = "https" if settings.ssl_certfile else "http"
     mode = (
         "clients decoded together, continuous batching"
@@ -104,6 +169,8 @@ def run_server(
             log_level="warning",
             ssl_certfile=settings.ssl_certfile,
             ssl_keyfile=settings.ssl_keyfile,
+            http=header_deadline_protocol(settings.header_timeout_s),
+            timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]  # float works
         )
     finally:
         scheduler.stop()
