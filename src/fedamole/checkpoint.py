@@ -1,20 +1,39 @@
 """The round checkpoint as one safetensors file: the server state (store, embeddings, assignment,
 round, learning rate, participants), the private states of clients that live in the same process,
 and a few run figures. :class:`fedamole.reporting.RunDir` writes it atomically after each round,
-so a run killed at any moment resumes from its last complete round."""
+so a run killed at any moment resumes from its last complete round. Its metadata carries a
+SHA-256 of every tensor and every other metadata field, checked on reading, so a damaged or
+edited checkpoint is refused instead of trained on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+import torch
+from safetensors import SafetensorError, safe_open
 
 from fedamole.files import atomic_save_tensors
 from fedamole.types import Architecture, ClientEmbeddings, ServerState, StateDict
 
 STORE, EMBEDDINGS, PRIVATE = "store/", "emb/", "private/"
+DIGEST = "sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted; the message names the file and what to do."""
+
+
+def digest(tensors: StateDict, metadata: dict[str, str]) -> str:
+    """SHA-256 over the metadata and every tensor's name, dtype, shape and bytes, in key order."""
+    sha = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        sha.update(f"{key}|{value.dtype}|{tuple(value.shape)}".encode())
+        sha.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
 
 
 @dataclass
@@ -69,6 +88,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "architectures": json.dumps({str(c): a for c, a in state.architectures.items()}),
         "wall_time_s": repr(checkpoint.wall_time_s),
     }
+    metadata[DIGEST] = digest(tensors, metadata)
     atomic_save_tensors(path, tensors, metadata)
 
 
@@ -76,10 +96,32 @@ def _with_prefix(tensors: StateDict, prefix: str) -> StateDict:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _read_verified(path: Path) -> tuple[StateDict, dict[str, str]]:
+    damaged = (
+        f"{path} is damaged ({{}}): it cannot be resumed from. Restore it from a copy, or start "
+        "the run again in another folder"
+    )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(damaged.format(f"not a readable safetensors file: {exc}")) from None
+    stored = metadata.pop(DIGEST, None)
+    if stored is None:
+        raise CheckpointError(damaged.format("it carries no checksum"))
+    if digest(tensors, metadata) != stored:
+        raise CheckpointError(damaged.format("its checksum does not match its contents"))
+    return tensors, metadata
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose bytes are not the ones written (before anything expensive)."""
+    _read_verified(path)
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
+    tensors, metadata = _read_verified(path)
     architectures: dict[str, Architecture] = json.loads(metadata["architectures"])
     state = ServerState(
         round=int(metadata["round"]),

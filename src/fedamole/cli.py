@@ -118,7 +118,7 @@ def _check_simulation_run(cfg: Config, method: str | None, resume: bool) -> None
         raise ConfigError(
             "--transport flower-simulation needs Ray: pip install 'fedamole[simulation]'"
         )
-    open_run(cfg, method, resume, with_data=False)
+    open_run(cfg, method, resume, with_data=False).run_dir.release()  # the child writes it
 
 
 def _run_on_simulation_engine(
@@ -190,6 +190,7 @@ def _parse_seeds(text: str) -> list[int]:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Errors in what the user asked for end the command with their message, no traceback."""
+    from fedamole.checkpoint import CheckpointError
     from fedamole.compare import ComparisonError
     from fedamole.data.example import DataError
     from fedamole.device import DeviceError
@@ -201,6 +202,7 @@ def _user_errors() -> Iterator[None]:
         yield
     except (
         ConfigError,
+        CheckpointError,
         DataError,
         DeviceError,
         ExportError,

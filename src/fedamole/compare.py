@@ -57,6 +57,21 @@ class ComparisonError(RuntimeError):
     """Some runs of a comparison failed; the message names them and their logs."""
 
 
+def check_out(out: Path) -> None:
+    """A comparison writes into an empty or new folder, or continues one of its own: anything
+    else there (a run's files, someone's documents) would be mixed with it or replaced."""
+    own = {SUMMARY, REPORT, TABLE, PLOT, CURVES, LOGS, *METHODS}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        foreign = [out.name]
+    if foreign:
+        raise ConfigError(
+            f"--out {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+            "which no comparison writes; a comparison goes into a new or empty folder, or one of "
+            "its own to continue it: choose another --out"
+        )
+
+
 @dataclass(frozen=True)
 class Job:
     """One (method, seed) run of a comparison."""
@@ -104,6 +119,7 @@ def compare(
 ) -> dict[str, Any]:
     """Run every (method, seed) not finished yet, then write the comparison; returns it."""
     console = console or Console()
+    check_out(out)
     for seed in seeds:  # every method and config is checked before any run starts
         cfg = load_config(config, [*overrides, f"seed={seed}"])
         for name in methods:

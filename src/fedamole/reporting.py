@@ -19,12 +19,15 @@ runs/<name>/
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import matplotlib
 
@@ -33,7 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedamole.checkpoint import Checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
+from fedamole.checkpoint import (  # noqa: E402
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from fedamole.config import Config, load_config  # noqa: E402
 from fedamole.files import atomic_save_tensors, atomic_write_text  # noqa: E402
 from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
@@ -52,6 +61,7 @@ METHOD_FILE = "method.json"
 METRICS = "metrics.jsonl"
 EXAMPLE_SCORES = "example_scores.jsonl"
 SUMMARY = "summary.json"
+LOCK_FILE = ".lock"  # held (flock) by the one process writing the run
 CHECKPOINT = "checkpoint.safetensors"
 ASSIGNMENTS = "assignments"
 CLIENTS = "clients"
@@ -78,11 +88,25 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    """Every complete line; a last line without its newline is an append a kill cut short."""
+    """Every complete line; a last line without its newline is an append a kill cut short.
+    Anything else unreadable is damage, named by file and line."""
     if not path.exists():
         return []
-    complete = path.read_text().split("\n")[:-1]
-    return [json.loads(line) for line in complete if line.strip()]
+    try:
+        complete = path.read_text(encoding="utf-8").split("\n")[:-1]
+    except UnicodeDecodeError as exc:
+        raise RunDirError(f"{path} is damaged (not UTF-8 at byte {exc.start})") from None
+    records = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(
+                f"{path}, line {number}: damaged ({exc.msg}); restore the file from a copy"
+            ) from None
+    return records
 
 
 def _lines(records: Iterable[Record]) -> str:
@@ -103,19 +127,56 @@ class RunDir:
     def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
         self.path = Path(path)
         self.tracker = tracker or NullTracker()
+        self._lock_handle: TextIO | None = None
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
     def open(cls, cfg: Config, method: str, resume: bool) -> RunDir:
+        """The run directory, checked and locked for this process: the only writer until it
+        :meth:`release` s it or exits."""
         run_dir = cls(cfg.output.dir, make_tracker(cfg.output))
         if resume:
             run_dir._check_resumable(cfg, method)
-        elif run_dir.path.exists() and any(run_dir.path.iterdir()):
+        else:
+            run_dir._check_new()
+        run_dir._lock()
+        if not resume:
+            run_dir._check_new()  # again, now that no one else can be starting it
+        return run_dir
+
+    def _check_new(self) -> None:
+        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise RunDirError(
-                f"run directory {run_dir.path} already exists and is not empty; pass --resume to "
+                f"run directory {self.path} already exists and is not empty; pass --resume to "
                 "continue it, or choose another --out"
             )
-        return run_dir
+
+    def _lock(self) -> None:
+        """An exclusive lock on ``.lock`` (``flock``: the kernel drops it when the process ends,
+        however it ends), naming its holder, so a second writer is refused instead of
+        interleaving its rows with the first's."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(
+                f"run directory {self.path} is being written by {holder}; two writers would "
+                "corrupt its records: wait for that run to end or stop it, then --resume"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        """Give up the lock (the run is done with the directory, or failed)."""
+        handle, self._lock_handle = self._lock_handle, None
+        if handle is not None:
+            handle.close()
 
     def _check_resumable(self, cfg: Config, method: str) -> None:
         saved_file = self.path / CONFIG_FILE
@@ -123,7 +184,9 @@ class RunDir:
             raise RunDirError(f"--resume: {saved_file} not found; is {self.path} a fedamole run?")
         saved = _flatten(load_config(saved_file).model_dump(mode="json"))
         ours = _flatten(cfg.model_dump(mode="json"))
-        differing = sorted(k for k in ours.keys() | saved.keys() if ours.get(k) != saved.get(k))
+        where = {"output.dir"}  # a run resumes from wherever it now lies, however it is spelled
+        keys = (ours.keys() | saved.keys()) - where
+        differing = sorted(k for k in keys if ours.get(k) != saved.get(k))
         if differing:
             raise RunDirError(
                 f"--resume: settings differ from the run's {CONFIG_FILE}: {', '.join(differing)}; "
@@ -133,6 +196,29 @@ class RunDir:
             raise RunDirError(
                 f"--resume: {self.path} is a {self.method!r} run, not {method!r}; resume it with "
                 "its method"
+            )
+        self._check_resume_point()
+
+    def _check_resume_point(self) -> None:
+        """The checkpoint is whole, or missing only because no round finished: records of a
+        later round without it mean it was lost, and resuming would retrain over them."""
+        if self.finished:
+            raise RunDirError(
+                f"--resume: {self.path} is a finished run (its {SUMMARY} is written); nothing is "
+                "retrained: its results stay as they are. Choose another --out for a new run"
+            )
+        if self.has_checkpoint:
+            try:
+                verify_checkpoint(self.path / CHECKPOINT)
+            except CheckpointError as exc:
+                raise RunDirError(f"--resume: {exc}") from None
+            return
+        recorded = [r["round"] for r in self.read_records() if isinstance(r.get("round"), int)]
+        if recorded and max(recorded) >= 1:
+            raise RunDirError(
+                f"--resume: {self.path} has records through round {max(recorded)} but no "
+                f"{CHECKPOINT}; resuming would retrain from round 0 and replace them. Restore the "
+                "checkpoint from a copy, or start a new run in another folder"
             )
 
     def start(self, cfg: Config, method: str) -> None:

@@ -93,7 +93,14 @@ class Engine:
     base_scores: dict[int, Metrics] = field(default_factory=dict)
 
     def run(self, initial_state: StateFactory, resume: bool = False) -> dict[str, Any]:
-        """Run (or resume) every round; returns the summary written to summary.json."""
+        """Run (or resume) every round; returns the summary written to summary.json. The run
+        directory's lock is given up however the run ends."""
+        try:
+            return self._run(initial_state, resume)
+        finally:
+            self.run_dir.release()
+
+    def _run(self, initial_state: StateFactory, resume: bool) -> dict[str, Any]:
         started = time.perf_counter()
         state, previous_time = self._start(initial_state, resume)
         self.run_dir.start_tracking(

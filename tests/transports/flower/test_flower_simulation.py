@@ -3,10 +3,13 @@ flower-simulation`: the same run as in-process, also after the simulation was ki
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,8 +45,56 @@ def _command(config: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+class Family:
+    """Every process a command started, seen by polling /proc while it runs: its descendants
+    (the simulation child, Ray's GCS, raylet, agents and workers) and their process groups."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.pids, self.groups = root, {root}, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.snapshot()
+            time.sleep(0.2)
+
+    def snapshot(self) -> None:
+        table = _process_table()
+        todo = [self.root]
+        while todo:
+            parent = todo.pop()
+            children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+            self.pids.update(children)
+            todo += children
+        self.groups.update(table[pid][1] for pid in self.pids if pid in table)
+
+    def alive(self) -> list[int]:
+        table = _process_table()
+        return [pid for pid, (_, pgid) in table.items() if pid in self.pids or pgid in self.groups]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live, non-zombie process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] != "Z":
+                table[int(entry.name)] = (int(stat[1]), int(stat[2]))
+    return table
+
+
 def _simulate(config: Path, out: Path, *extra: str) -> str:
-    """Run to the end; Ray's processes (in the command's own process group) end with it."""
+    """Run to the end; every process it started (Ray's included) ends with it."""
     proc = subprocess.Popen(
         _command(config, out, *extra),
         stdout=subprocess.PIPE,
@@ -51,9 +102,12 @@ def _simulate(config: Path, out: Path, *extra: str) -> str:
         text=True,
         start_new_session=True,
     )
+    family = Family(proc.pid)
     stdout, stderr = proc.communicate(timeout=300)
+    family.stop()
     assert proc.returncode == 0, stdout + stderr
-    wait_for(lambda: not _processes_in_group(proc.pid), "Ray's processes to end", timeout=30)
+    assert len(family.pids) > 3  # the child and Ray's processes were seen
+    wait_for(lambda: not family.alive(), "Ray's processes to end", timeout=15)
     return stdout
 
 
@@ -65,20 +119,6 @@ def _reference(config: Path, out: Path, *overrides: str, method: str | None = No
     return out
 
 
-def _processes_in_group(pgid: int) -> list[int]:
-    """Live processes of a process group (Ray's raylet, GCS and workers included), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[2]) == pgid and stat[0] != "Z":
-                found.append(int(entry.name))
-    return found
-
-
 def test_simulated_fedit_equals_the_in_process_run(tiny_yaml, tmp_path):
     """FedIT (a train then an evaluate message per client and round), 4 virtual SuperNodes."""
     out = tmp_path / "simulation"
@@ -88,9 +128,13 @@ def test_simulated_fedit_equals_the_in_process_run(tiny_yaml, tmp_path):
     assert_same_run(out, reference, rounds=2, clients=CLIENTS)
 
 
-def test_killed_simulation_resumes_to_the_in_process_run(tiny_yaml, tmp_path):
-    """FedAMoLE for 3 rounds; the simulation (with all of Ray's processes) is killed once round
-    0's checkpoint is written, then resumed: the outcome is the uninterrupted in-process run's."""
+def test_a_killed_parent_takes_the_simulation_down_and_resumes_to_the_in_process_run(
+    tiny_yaml, tmp_path
+):
+    """FedAMoLE for 3 rounds; only `fedamole run` itself is SIGKILLed once round 0's checkpoint
+    is written. Within 15 s none of the processes it started (simulation child, Ray) is left,
+    nothing finished the run in the background, and the resumed run is the uninterrupted
+    in-process run."""
     out = tmp_path / "simulation"
     three = ("--set", "federation.rounds=3")
     proc = subprocess.Popen(
@@ -99,13 +143,21 @@ def test_killed_simulation_resumes_to_the_in_process_run(tiny_yaml, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    family = Family(proc.pid)
     try:
         wait_for(lambda: (out / "checkpoint.safetensors").exists(), "round 0", interval=0.05)
         assert proc.poll() is None and not (out / "summary.json").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        family.snapshot()
+        assert len(family.pids) > 3  # the child and Ray's processes were seen
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its children are on their own
         proc.wait(timeout=30)
-    wait_for(lambda: not _processes_in_group(proc.pid), "Ray's processes to end", timeout=30)
+        family.stop()
+        wait_for(lambda: not family.alive(), "the simulation and Ray to end", timeout=15)
+    finally:
+        for pid in family.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not (out / "summary.json").exists()
 
     log = _simulate(tiny_yaml, out, *three, "--resume")
     assert "resuming" in log and "at round 1" in log

@@ -3,8 +3,13 @@ SuperNode per client, each given ``partition-id``/``num-partitions`` by the engi
 organisation sets them with ``--node-config``, so it reads its own partition as a SuperNode does.
 
 :func:`launch` runs the simulation in a child process (``python -m`` this module) on the
-installed package: Ray replaces ``PYTHONPATH`` in its workers and keeps processes of its own, and
-a child that exits takes them all down with it. Flower 1.41's public ``run_simulation`` cannot pass
+installed package: Ray replaces ``PYTHONPATH`` in its workers and keeps processes of its own. The
+child leads a process group of its own, which Ray's processes share, and that group never
+outlives the run: the child asks the kernel for SIGTERM when its parent dies (Linux
+``PR_SET_PDEATHSIG``), turns SIGTERM into a clean exit that shuts Ray down and then kills what is
+left of its group, and the parent kills the group on every way it leaves :func:`launch`
+(normal end, error, Ctrl-C). A killed ``fedamole run`` therefore never leaves a simulation
+finishing, and writing, in the background. Flower 1.41's public ``run_simulation`` cannot pass
 a run config, so the child calls the function behind it (and ``flwr-simulation``) with the run
 config in the ServerApp's context; flwr is pinned, and a test runs it.
 """
@@ -12,8 +17,11 @@ config in the ServerApp's context; flwr is pinned, and a test runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -81,10 +89,59 @@ def _split(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+GRACE_S = 10.0  # how long a SIGTERMed simulation may take to shut Ray down
+
+
 def launch(spec: SimulationSpec) -> int:
     """Run the simulation in a child process; its exit status (0: the run finished)."""
-    cmd = [sys.executable, "-m", __name__, json.dumps(asdict(spec))]
-    return subprocess.run(cmd, check=False, env=_child_env(spec)).returncode
+    cmd = [sys.executable, "-m", __name__, json.dumps(asdict(spec)), str(os.getpid())]
+    child = subprocess.Popen(cmd, env=_child_env(spec), start_new_session=True)
+    try:
+        return child.wait()
+    finally:
+        _end_group(child)
+
+
+def _end_group(child: subprocess.Popen) -> None:
+    """SIGTERM the child's group if the child still runs (it shuts Ray down), then SIGKILL
+    whatever of the group is left (Ray's agents linger for a minute otherwise)."""
+    if child.poll() is None:
+        _signal_group(child.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=GRACE_S)
+    _signal_group(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def _die_with(parent: int) -> None:
+    """In the child: SIGTERM when ``parent`` dies (Linux; elsewhere the parent's own clean-up
+    is all there is), and SIGTERM as an exit that runs clean-up code."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        sys.exit(128 + signal.SIGTERM)
+
+
+def _take_ray_down() -> None:
+    """Ray's driver-side shutdown, then every other process of this group (agents included)."""
+    with contextlib.suppress(Exception):
+        import ray
+
+        ray.shutdown()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _signal_group(os.getpgrp(), signal.SIGKILL)
 
 
 def _child_env(spec: SimulationSpec) -> dict[str, str]:
@@ -120,9 +177,17 @@ def _simulate(spec: SimulationSpec) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", help="SimulationSpec as JSON")
-    doc = json.loads(parser.parse_args().spec)
+    parser.add_argument("parent", type=int, help="the launching process: this one dies with it")
+    args = parser.parse_args()
+    _die_with(args.parent)
+    doc = json.loads(args.spec)
     resources = Resources(**doc.pop("resources"))
-    _simulate(SimulationSpec(resources=resources, **doc))
+    try:
+        _simulate(SimulationSpec(resources=resources, **doc))
+    except SystemExit:  # SIGTERM (Ray's handler or ours), or Flower giving up
+        if os.getppid() != args.parent:  # orphaned: nobody else will take Ray down
+            _take_ray_down()  # ends this process too
+        raise
 
 
 if __name__ == "__main__":
