@@ -212,6 +212,21 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(fedamole_se
         )
     assert too_many.value.body["param"] == "max_tokens"
 
+    for body in (
+        {"model": "client-0", "prompt": ""},  # nothing to continue
+        {"model": "client-0", "prompt": "hi", "seed": 2**64},  # beyond torch's seeds
+    ):
+        answer = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert answer.status_code == 400, (body, answer.text)
+    surrogate = '{"model": "client-0", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    lone = httpx.post(f"{url}/v1/chat/completions", content=surrogate, headers=headers)
+    assert lone.status_code == 400, lone.text
+    seeded = {"model": "client-0", "prompt": "hi", "seed": 2**63 + 5, "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=seeded, headers=headers).status_code == 200
+    assert api.models.retrieve("client-0").id == "client-0"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("client-1")  # another organisation's
+
     assert _chat(api, "client-0", PROMPTS[0]) == generated["fedamole", 0, PROMPTS[0]]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fedamole.errors import UserError
 from fedamole.files import atomic_save_tensors
 from fedamole.types import Architecture, ClientEmbeddings, ServerState, StateDict
 
@@ -22,7 +23,7 @@ STORE, EMBEDDINGS, PRIVATE = "store/", "emb/", "private/"
 DIGEST = "sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be trusted; the message names the file and what to do."""
 
 

@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedamole.config import Config, ConfigError, load_config
+from fedamole.errors import UserError
 
 app = typer.Typer(
     help="Personalised federated fine-tuning of LLMs with heterogeneous mixtures of LoRA experts.",
@@ -189,28 +190,16 @@ def _parse_seeds(text: str) -> list[int]:
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors in what the user asked for end the command with their message, no traceback."""
-    from fedamole.checkpoint import CheckpointError
-    from fedamole.compare import ComparisonError
-    from fedamole.data.example import DataError
-    from fedamole.device import DeviceError
-    from fedamole.reporting import RunDirError
-    from fedamole.rsea.solver import InfeasibleAssignmentError
-    from fedamole.serving.export import ExportError
-
+    """Errors in what the user asked for end the command with their message, no traceback: every
+    :class:`UserError`, and a file the system refuses to read or write (named with its reason)."""
     try:
         yield
-    except (
-        ConfigError,
-        CheckpointError,
-        DataError,
-        DeviceError,
-        ExportError,
-        RunDirError,
-        InfeasibleAssignmentError,
-        ComparisonError,
-    ) as exc:
+    except UserError as exc:
         raise _fail(str(exc)) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        raise _fail(f"{exc.filename}: {exc.strerror}") from None
 
 
 RunOpt = Annotated[Path, typer.Option("--run", help="a finished run directory")]

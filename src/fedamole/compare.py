@@ -37,6 +37,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: E402
 
 from fedamole.config import ConfigError, load_config  # noqa: E402
+from fedamole.errors import UserError
 from fedamole.federation.setup import checked  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS  # noqa: E402
@@ -53,7 +54,7 @@ REFERENCE = "fedamole"
 REPORT, TABLE, PLOT, CURVES, LOGS = "report.md", "table.md", "comparison.png", "curves.png", "logs"
 
 
-class ComparisonError(RuntimeError):
+class ComparisonError(UserError, RuntimeError):
     """Some runs of a comparison failed; the message names them and their logs."""
 
 

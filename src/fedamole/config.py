@@ -20,6 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from fedamole.errors import UserError
+from fedamole.files import TextFileError, read_utf8
+
 PromptFormat = Literal["auto", "chat", "alpaca"]
 
 
@@ -323,7 +326,7 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and what to do."""
 
 
@@ -365,7 +368,9 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_utf8(path)) or {}
+        except TextFileError as exc:
+            raise ConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from fedamole.errors import UserError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -23,7 +25,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The configured device is not available here; the message names ``model.device``."""
 
 

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from fedamole.device import DTYPES
+from fedamole.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """No loader could resolve the model name; the message lists every attempt."""
 
 

@@ -44,6 +44,7 @@ from fedamole.checkpoint import (  # noqa: E402
     write_checkpoint,
 )
 from fedamole.config import Config, load_config  # noqa: E402
+from fedamole.errors import UserError
 from fedamole.files import atomic_save_tensors, atomic_write_text  # noqa: E402
 from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
 from fedamole.types import (  # noqa: E402
@@ -73,7 +74,7 @@ SERVER = "server"  # the split of the per-round server record (diagnostics)
 Record = dict[str, Any]
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked; nothing in it was touched."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedamole.errors import UserError
+
 UNLABELLED = "default"  # the label of an example whose source names no label (category)
 
 
@@ -27,5 +29,5 @@ class Example:
     source: str = ""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message names the file, the line/row and what to do."""

@@ -31,6 +31,7 @@ from fedamole.config import ColumnMap, DataConfig, DataFormat
 from fedamole.data.example import UNLABELLED, DataError, Example
 from fedamole.data.prompts import NLI_INSTRUCTION, NLI_LABELS, nli_input
 from fedamole.data.synthetic import generate_synthetic
+from fedamole.files import read_utf8
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -67,18 +68,18 @@ def _check_path(path: Path, want_dir: bool) -> Path:
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of a JSON Lines file; blank lines are skipped, anything else must be a JSON object."""
-    with _check_path(path, want_dir=False).open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); fix or remove it") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    text = read_utf8(_check_path(path, want_dir=False))
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg}); fix or remove it") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
 def _dataset_rows(dataset: Dataset, origin: str) -> Iterator[Row]:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
+from fedamole.errors import UserError
+
 # Modules solved as one flow problem hold at most this many scores: batching saves per-call
 # overhead on small modules, but a flow problem costs more than linearly in its size, so a
 # 1,000-client x 300-expert module is best solved alone (60 such modules of rank-8 scores, as in
@@ -40,7 +42,7 @@ _ADDED_PER_EXPERT, _ADDED_PER_CLIENT = 1, 2
 _FLOOR = np.iinfo(np.int64).min // 2  # reduced gain marking arcs already in the flow problem
 
 
-class InfeasibleAssignmentError(ValueError):
+class InfeasibleAssignmentError(UserError, ValueError):
     """No assignment satisfies the RSEA constraints; the message says which setting to change."""
 
 

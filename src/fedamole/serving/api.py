@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -211,6 +211,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 # ---------------------------------------------------------------------------------- schemas
+def _unicode(text: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which is no character: refused here
+    (400) rather than by the tokenizer (500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds a lone UTF-16 surrogate ({text[exc.start]!r}) at character {exc.start}; "
+            "send valid Unicode"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+# What torch.Generator.manual_seed accepts.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use
 
@@ -218,8 +236,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: dict[str, bool] | None = None
@@ -236,14 +254,14 @@ class _Request(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -257,7 +275,7 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Annotated[Text, Field(min_length=1)] | list[Annotated[Text, Field(min_length=1)]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
 
@@ -353,12 +371,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(visible: Visible) -> dict[str, object]:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "fedamole"}
-            for name in pool.names()
-            if name in visible
-        ]
+        data = [_model_card(name) for name in pool.names() if name in visible]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, visible: Visible) -> dict[str, object]:
+        return _model_card(checked_model(visible, name))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, visible: Visible) -> JSONResponse | StreamingResponse:
@@ -399,6 +417,10 @@ def create_app(
         return await _respond(scheduler, job, body.stream)
 
     return app
+
+
+def _model_card(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fedamole"}
 
 
 def _check_characters(pool: ModelPool, name: str, chars: int, param: str) -> None:

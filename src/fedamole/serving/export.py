@@ -41,6 +41,7 @@ from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.device import autocast, model_device
+from fedamole.errors import UserError
 from fedamole.evaluation import evaluate_examples
 from fedamole.federation.method import AnswerGroup, build_base_model
 from fedamole.federation.training import Batch, fixed_batches, to_device
@@ -72,7 +73,7 @@ Kind = Literal["hmole", "peft-lora", "static-lora"]
 RoutingWeights = dict[str, dict[int, float]]  # module -> expert id -> mean routing weight
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that cannot be written or loaded as asked; the message says what to do."""
 
 

@@ -38,6 +38,7 @@ from fedamole.federation.method import (
     FederatedMethod,
     build_base_model,
 )
+from fedamole.files import read_utf8
 from fedamole.methods import get_method
 from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, CONFIG_FILE, RunDir, RunDirError
 from fedamole.transports.flower.node_config import MODEL_FOLDER, STATE_DIR, node_client_folder
@@ -74,7 +75,7 @@ def read_prompt_file(path: Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--input-file {path}: no such file")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_utf8(path).splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"--input-file {path}: no prompts in it")
     if path.suffix != ".jsonl":
