@@ -26,8 +26,8 @@ def _without_time(summary_file: Path) -> dict:
 
 
 def assert_same_run(out: Path, reference: Path, rounds: int, clients: int) -> None:
-    """Per client and round: metrics, bytes up/down; the summary; assignments; the checkpoint
-    and every client's model, tensors bit-exactly."""
+    """Per client and round: metrics, bytes up/down; the summary; assignments and manifests; the
+    checkpoint and every client's model, tensors bit-exactly."""
     assert records_of(out) == records_of(reference)
     assert _without_time(out / "summary.json") == _without_time(reference / "summary.json")
     for name in (f"round_{r:03d}.json" for r in range(rounds)):
@@ -35,6 +35,8 @@ def assert_same_run(out: Path, reference: Path, rounds: int, clients: int) -> No
             assert (out / "assignments" / name).read_text() == (
                 reference / "assignments" / name
             ).read_text()
+        manifest = f"manifests/{name}"  # what crossed the wire: the same on every transport
+        assert (out / manifest).read_text() == (reference / manifest).read_text(), manifest
     for tensors in (
         "checkpoint.safetensors",
         *(f"clients/{c}/adapter.safetensors" for c in range(clients)),

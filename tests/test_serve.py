@@ -468,5 +468,5 @@ def test_a_key_given_twice_is_refused_and_a_readable_key_file_warned(tmp_path, c
     for mode, warned in ((0o644, True), (0o600, False)):
         keys.chmod(mode)
         caplog.clear()
-        check_settings(ServerSettings(api_keys=keys))
+        check_settings(ServerSettings(port=0, api_keys=keys))
         assert ("can be read by other users" in caplog.text) == warned

@@ -4,6 +4,7 @@ model."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from fedamole.config import Config, ConfigError, load_config
 from fedamole.errors import UserError
+from fedamole.files import atomic_write_text
 
 app = typer.Typer(
     help="Personalised federated fine-tuning of LLMs with heterogeneous mixtures of LoRA experts.",
@@ -90,15 +92,15 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run FedAMoLE (or another method): in one process, or on Flower's Simulation Engine."""
-    from fedamole.compare import parse_methods
-
     _setup_logging(verbose)
     overrides = list(set_ or []) + ([f"output.dir={out}"] if out else [])
     with _user_errors():
+        cfg = load_config(config, overrides)  # first: it needs no torch, so its errors are quick
+        from fedamole.compare import parse_methods
+
         names = parse_methods(method, "--method") if method else [None]
         if len(names) != 1:
             raise ConfigError(f"--method takes one method, got {method!r} (compare runs several)")
-        cfg = load_config(config, overrides)
         if transport is Transport.IN_PROCESS:
             from fedamole.transports.in_process import run_simulation
 
@@ -263,6 +265,8 @@ def generate(
             "must be > 0 to sample (greedy: leave out --do-sample)", param_hint="--temperature"
         )
     with _user_errors():
+        if output is not None:
+            _check_new_file(output, "--output")
         instructions, inputs = read_prompt_file(input_file) if input_file else ([prompt], [input_])
         model = (
             load_base_model_of(run_dir, device)
@@ -289,8 +293,20 @@ def generate(
         for line in lines:
             typer.echo(line)
     else:
-        output.write_text("".join(line + "\n" for line in lines))
+        atomic_write_text(output, "".join(line + "\n" for line in lines))
         console.print(f"{len(lines)} answers written to {output}")
+
+
+def _check_new_file(path: Path, option: str) -> None:
+    """A file about to be written: it must not exist yet (nothing is overwritten) and its
+    folder must; checked before any work."""
+    if path.exists():
+        kind = "a folder" if path.is_dir() else "an existing file"
+        raise ConfigError(f"{option} {path} is {kind}; name a new file (nothing is overwritten)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{option} {path}: the folder {path.parent} is not writable")
 
 
 @app.command()

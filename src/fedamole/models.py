@@ -148,6 +148,57 @@ def _byte_tokenizer(models, pre_tokenizers, decoders, Tokenizer):  # noqa: N803
     return tok
 
 
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in seconds and before any data or weights load, a ``model.name`` that names no
+    model: a folder without ``config.json``, a file, or a hub id that is neither in the local
+    Hugging Face cache nor known to the hub (asked once, briefly; offline: not asked)."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model.name {name}: the folder has no config.json, so it is not a transformers "
+                "model folder; point model.name at the folder save_pretrained wrote"
+            )
+        return
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"model.name {name}: no such model folder; give a folder with config.json, a Hugging "
+            f"Face hub id, or {DEFAULT_MODEL} / {TINY_MODEL}"
+        )
+    _check_hub_id(name)
+
+
+def _check_hub_id(name: str) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except HFValidationError as exc:
+        raise ModelNotFoundError(f"model.name {name!r}: not a valid hub id ({exc})") from None
+    if isinstance(cached, str):
+        return
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(
+            f"model.name {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            "set; download it where the hub can be reached (huggingface-cli download), or give "
+            "a local folder"
+        )
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure means the name cannot be loaded
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelNotFoundError(
+            f"model.name {name!r} is not in the local Hugging Face cache, and the hub could not "
+            f"confirm it ({reason}); check the id, or give a local folder"
+        ) from None
+
+
 def load_base_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",

@@ -10,6 +10,8 @@ runs/<name>/
                               diagnostics (FedAMoLE)
   example_scores.jsonl        per round, client and split: each example's scores (for intervals)
   assignments/round_NNN.json  which experts each client held in each module that round
+  manifests/round_NNN.json    per client: every tensor it was sent and sent back (name, shape,
+                              dtype, bytes, DP noise), totals equal to bytes_down / bytes_up
   checkpoint.safetensors      server state after the last complete round (atomic)
   summary.json                per-client and mean test metrics; total bytes; wall time
   clients/<id>/               the personalised model: adapter.safetensors + a JSON to rebuild it
@@ -65,6 +67,7 @@ SUMMARY = "summary.json"
 LOCK_FILE = ".lock"  # held (flock) by the one process writing the run
 CHECKPOINT = "checkpoint.safetensors"
 ASSIGNMENTS = "assignments"
+MANIFESTS = "manifests"
 CLIENTS = "clients"
 PLOTS = "plots"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -156,8 +159,13 @@ class RunDir:
         """An exclusive lock on ``.lock`` (``flock``: the kernel drops it when the process ends,
         however it ends), naming its holder, so a second writer is refused instead of
         interleaving its rows with the first's."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = (self.path / LOCK_FILE).open("a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = (self.path / LOCK_FILE).open("a+")
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write into {self.path} ({exc.strerror}); choose a writable --out"
+            ) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -301,6 +309,13 @@ class RunDir:
         doc = {"round": round_idx, "clients": {str(c): a for c, a in sorted(architectures.items())}}
         atomic_write_text(folder / f"round_{round_idx:03d}.json", json.dumps(doc, indent=1))
 
+    def write_manifest(self, round_idx: int, clients: Mapping[str, Any]) -> None:
+        """``manifests/round_NNN.json``: what each client was sent and sent back this round."""
+        folder = self.path / MANIFESTS
+        folder.mkdir(exist_ok=True)
+        doc = {"round": round_idx, "clients": dict(clients)}
+        atomic_write_text(folder / f"round_{round_idx:03d}.json", json.dumps(doc, indent=1))
+
     def latest_architectures(self) -> dict[int, Architecture]:
         """Each client's architecture in the latest round it took part in ({} without experts)."""
         latest: dict[int, Architecture] = {}
@@ -335,6 +350,18 @@ class RunDir:
     @property
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
+
+    def check_finished(self) -> None:
+        """A run whose client models can be read: it exists, is a fedamole run, and finished."""
+        if not self.path.is_dir():
+            raise RunDirError(f"--run {self.path}: no such directory")
+        method = self.method  # names a folder that is no run
+        if not self.finished:
+            raise RunDirError(
+                f"run {self.path} is not finished (no {SUMMARY}): client models are saved after "
+                f"its last round; finish it with `fedamole run --config {self.path}/{CONFIG_FILE} "
+                f"--method {method} --resume --out {self.path}`"
+            )
 
     def write_plots(self, records: list[Record], architectures: Mapping[int, Architecture]) -> None:
         folder = self.path / PLOTS

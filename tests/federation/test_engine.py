@@ -3,6 +3,7 @@ method jobs), the transport decides who answers, so drop-outs and a kill mid-run
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class ScriptedTransport:
     silent: dict[tuple[str, int], set[int]] = field(default_factory=dict)
     kill_at: tuple[str, int] | None = None
     sent: list[tuple[str, int, list[int]]] = field(default_factory=list)
+    # (kind, round) -> client -> (what was sent, what came back): the traffic itself
+    traffic: dict[tuple[str, int], dict[int, tuple]] = field(default_factory=dict)
 
     def connect(self) -> None:
         self.sent.append(("connect", -1, []))
@@ -47,13 +50,17 @@ class ScriptedTransport:
 
     def train(self, round_idx: int, payloads: dict[int, ClientPayload]) -> dict[int, ClientUpdate]:
         answering = self._answering("train", round_idx, payloads)
-        return {c: train_job(self.method, p, self.clients[c]) for c, p in answering.items()}
+        replies = {c: train_job(self.method, p, self.clients[c]) for c, p in answering.items()}
+        self.traffic[("train", round_idx)] = {c: (p, replies.get(c)) for c, p in payloads.items()}
+        return replies
 
     def evaluate(
         self, round_idx: int, payloads: dict[int, ClientPayload]
     ) -> dict[int, ClientEvaluation]:
         answering = self._answering("evaluate", round_idx, payloads)
-        return {c: evaluate_job(self.method, p, self.clients[c]) for c, p in answering.items()}
+        replies = {c: evaluate_job(self.method, p, self.clients[c]) for c, p in answering.items()}
+        self.traffic[("evaluate", round_idx)] = {c: (p, None) for c, p in payloads.items()}
+        return replies
 
     def client_states(self) -> dict[int, StateDict]:
         return {c: runtime.private for c, runtime in self.clients.items()}
@@ -63,8 +70,10 @@ class ScriptedTransport:
             self.clients[c].private = state
 
 
-def run(out: Path, method: str, resume: bool = False, **script) -> tuple[dict, ScriptedTransport]:
-    cfg = load_config(None, [*TINY, f"output.dir={out}"])
+def run(
+    out: Path, method: str, resume: bool = False, extra: tuple[str, ...] = (), **script
+) -> tuple[dict, ScriptedTransport]:
+    cfg = load_config(None, [*TINY, f"output.dir={out}", *extra])
     setup = open_run(cfg, method, resume, with_data=True)
     handle, clients = build_clients(setup)
     transport = ScriptedTransport(setup.method, {r.data.client_id: r for r in clients}, **script)
@@ -114,3 +123,51 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path, me
         RunDir(tmp_path / "killed").read_example_scores()
         == RunDir(tmp_path / "whole").read_example_scores()
     )
+
+
+def _described(tensors: StateDict, dp_noise: bool = False, prefix: str = "") -> list[dict]:
+    return [
+        {
+            "name": prefix + name,
+            "shape": list(tensors[name].shape),
+            "dtype": str(tensors[name].dtype).removeprefix("torch."),
+            "bytes": tensors[name].numel() * tensors[name].element_size(),
+            "dp_noise": dp_noise,
+        }
+        for name in sorted(tensors)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("fedamole", ("privacy.enabled=true", "privacy.seed=1")), ("fedit", ())],
+)
+def test_each_rounds_manifest_lists_exactly_the_tensors_exchanged(tmp_path, method, extra):
+    """Against the payloads and updates that crossed the transport (and the embeddings' DP
+    flag); its totals are metrics.jsonl's bytes_down and bytes_up. Client 2 stays silent in
+    round 1: it was sent its payload and sent nothing back."""
+    out = tmp_path / "r"
+    _, transport = run(out, method, extra=extra, silent={("train", 1): {2}})
+    bytes_of = {(r["round"], r["client"]): r for r in RunDir(out).read_records() if "client" in r}
+    for round_idx in (0, 1):
+        doc = json.loads((out / "manifests" / f"round_{round_idx:03d}.json").read_text())
+        assert doc["round"] == round_idx and set(doc["clients"]) == {"0", "1", "2"}
+        for c, (payload, update) in transport.traffic[("train", round_idx)].items():
+            entry = doc["clients"][str(c)]
+            assert entry["downloaded"]["train"] == _described(payload.weights)
+            evaluated = transport.traffic.get(("evaluate", round_idx), {})
+            if c in evaluated:
+                assert entry["downloaded"]["evaluate"] == _described(evaluated[c][0].weights)
+            assert entry["answered"] == (update is not None)
+            if update is None:
+                assert entry["uploaded"] == {"weights": [], "embeddings": []}
+                continue
+            assert entry["uploaded"]["weights"] == _described(update.weights)
+            embeddings = update.embeddings.to_tensors() if update.embeddings else {}
+            noised = method == "fedamole"
+            assert entry["uploaded"]["embeddings"] == _described(embeddings, noised, "embedding/")
+            assert (entry["bytes_up"], entry["bytes_down"]) == (
+                bytes_of[(round_idx, c)]["bytes_up"],
+                bytes_of[(round_idx, c)]["bytes_down"],
+            )
+            assert entry["bytes_up"] > 0

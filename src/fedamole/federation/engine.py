@@ -22,6 +22,7 @@ from rich.table import Table
 
 from fedamole.checkpoint import Checkpoint
 from fedamole.config import Config
+from fedamole.federation.manifest import round_manifest
 from fedamole.federation.method import FederatedMethod
 from fedamole.federation.participation import participants
 from fedamole.reporting import (
@@ -161,12 +162,17 @@ class Engine:
         )
         evaluations: dict[int, ClientEvaluation] = {}
         eval_bytes: dict[int, int] = {}
+        eval_payloads: dict[int, ClientPayload] = {}
         if self.method.evaluates_after_aggregation and updates:
             eval_payloads = {
                 c: replace(self._payload(next_state, c), round=round_idx) for c in sorted(updates)
             }
             eval_bytes = {c: payload_nbytes(p) for c, p in eval_payloads.items()}
             evaluations = self.transport.evaluate(round_idx, eval_payloads)
+        self.run_dir.write_manifest(
+            round_idx,
+            round_manifest(payloads, eval_payloads, updates, self.cfg.privacy.enabled),
+        )
         self._record(round_idx, payloads, updates, evaluations, eval_bytes, diagnostics)
         if round_idx == self.cfg.federation.rounds - 1:
             self._save_client_models(round_idx, payloads, updates, evaluations)

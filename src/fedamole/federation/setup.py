@@ -18,6 +18,7 @@ from fedamole.data.prompts import build_prompter
 from fedamole.device import resolve_device
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.methods import resolve_method
+from fedamole.models import check_model_name
 from fedamole.reporting import RunDir
 
 
@@ -29,6 +30,7 @@ def checked(
     method = method if isinstance(method, FederatedMethod) else resolve_method(method, cfg)
     cfg = method.configure(cfg)
     resolve_device(cfg.model.device)
+    check_model_name(cfg.model.name)
     method.check(cfg)
     return cfg, method
 

@@ -90,6 +90,12 @@ def assignment_bounds(cfg: Config) -> tuple[int, int]:
 def check_assignment_settings(cfg: Config) -> None:
     """Reject infeasible assignment settings before anything expensive runs. N_c is the number
     of clients that take part in a round (all of them unless federation.clients_per_round)."""
+    if cfg.hmole.top_k > cfg.hmole.num_experts:
+        raise InfeasibleAssignmentError(
+            f"hmole.top_k={cfg.hmole.top_k} exceeds hmole.num_experts={cfg.hmole.num_experts}: "
+            "routing cannot pick more experts than a module has; set hmole.top_k to at most "
+            f"{cfg.hmole.num_experts}, or raise hmole.num_experts"
+        )
     try:
         k_min, max_experts = assignment_bounds(cfg)
         check_feasibility(

@@ -178,15 +178,8 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
     """The saved model of ``client_id`` in ``run_dir``; every reason it cannot be loaded is a
     :class:`RunDirError` naming the run and the client. ``device`` overrides ``model.device``."""
     run = RunDir(Path(run_dir))
-    if not run.path.is_dir():
-        raise RunDirError(f"--run {run.path}: no such directory")
+    run.check_finished()
     method = get_method(run.method)
-    if not run.finished:
-        raise RunDirError(
-            f"run {run.path} is not finished (no summary.json): client models are saved after "
-            f"its last round; finish it with `fedamole run --config {run.path}/config.yaml "
-            f"--method {method.name} --resume --out {run.path}`"
-        )
     folder = run.client_folder(client_id)
     description = folder / method.client_model_file
     if not description.is_file():

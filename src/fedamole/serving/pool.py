@@ -68,7 +68,9 @@ def client_name(client_id: int) -> str:
 
 def saved_client_ids(run_dir: Path) -> list[int]:
     """Every client with a saved model in a finished run, in order."""
-    folder = RunDir(Path(run_dir)).path / CLIENTS
+    run = RunDir(Path(run_dir))
+    run.check_finished()
+    folder = run.path / CLIENTS
     return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
 
 

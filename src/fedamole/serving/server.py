@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,13 @@ def check_settings(settings: ServerSettings) -> None:
             f"--host {settings.host}: without --api-keys the server binds only to loopback "
             "(127.0.0.1, ::1 or localhost); give --api-keys FILE to serve other machines"
         )
+    try:  # before the models load and before anything says it is serving
+        socket.create_server((settings.host, settings.port)).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--host {settings.host} --port {settings.port}: cannot listen there "
+            f"({exc.strerror}); choose another --port, or stop what holds it"
+        ) from None
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         raise ConfigError("--ssl-certfile and --ssl-keyfile go together")
     for path in (settings.ssl_certfile, settings.ssl_keyfile):
