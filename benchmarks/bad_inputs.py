@@ -76,11 +76,18 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def first_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("error:"):
-            return line.removeprefix("error:").strip()
+    """The message: fedamole's `error:` line (with the next one when it ends in a colon), or
+    the text of typer's error box."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for n, line in enumerate(lines):
+        if line.startswith("error:"):
+            message = line.removeprefix("error:").strip()
+            if message.endswith(":") and n + 1 < len(lines):
+                message += " " + lines[n + 1]
+            return message
+    boxed = [line.strip("│ ") for line in lines if line.startswith("│")]
+    if boxed:
+        return " ".join(boxed)
     return lines[-1] if lines else ""
 
 
@@ -138,7 +145,6 @@ def prepare(root: Path) -> dict[str, Path]:
         "prompts_latin1": root / "prompts.txt",
         "answers": root / "answers.jsonl",
         "notamodel": root / "notamodel",
-        "readonly": root / "readonly",
         "afile": root / "afile",
         "papers": root / "papers",
         "keys": root / "keys.json",
@@ -156,7 +162,6 @@ def prepare(root: Path) -> dict[str, Path]:
     files["answers"].write_text("earlier answers\n")
     files["notamodel"].mkdir()
     (files["notamodel"] / "weights.bin").write_bytes(b"\0")
-    files["readonly"].mkdir(mode=0o555)
     files["afile"].write_text("a file")
     files["papers"].mkdir()
     (files["papers"] / "thesis.tex").write_text("mine")
@@ -234,7 +239,7 @@ def cli_cases(f: dict[str, Path], busy_port: int) -> list[tuple[str, str, list[s
             "--resume a garbled metrics.jsonl",
             ["--out", str(f["garbled"]), "--resume", *sets(*TINY)],
         ),
-        ("run", "--out in a read-only folder", ["--out", str(f["readonly"] / "run"), *sets(*TINY)]),
+        ("run", "--out where nothing can be written", ["--out", "/sys/fedamole-run", *sets(*TINY)]),
         ("run", "--out is a file", ["--out", str(f["afile"]), *sets(*TINY)]),
         ("compare", "unknown method", ["--out", "cmp", "--methods", "nosuch"]),
         ("compare", "empty method list", ["--out", "cmp", "--methods", ","]),
@@ -455,7 +460,6 @@ def main() -> None:
             for command, case, cli_args in cli_cases(files, busy.getsockname()[1])
         ]
     outcomes += try_http(root, files)
-    files["readonly"].chmod(0o755)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
         f"{len(outcomes)} bad inputs in {time.time() - started:.0f} s\n"

@@ -199,6 +199,34 @@ def _check_hub_id(name: str) -> None:
         ) from None
 
 
+def model_skeleton(name: str) -> PreTrainedModel | None:
+    """The model's modules without weights (meta device), from its config alone: what settings
+    naming modules are checked against before any weights load. None when the config is not at
+    hand without a download (the load then reports on its own)."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):  # both are Llamas; names, not sizes, matter here
+        config = LlamaConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=16,
+        )
+    else:
+        path = Path(name).expanduser()
+        try:
+            config = AutoConfig.from_pretrained(
+                path if path.is_dir() else name, local_files_only=True
+            )
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
 def load_base_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",

@@ -216,13 +216,14 @@ class RunDir:
                 f"--resume: {self.path} is a finished run (its {SUMMARY} is written); nothing is "
                 "retrained: its results stay as they are. Choose another --out for a new run"
             )
+        recorded = [r["round"] for r in self.read_records() if isinstance(r.get("round"), int)]
+        self.read_example_scores()  # readable too, before anything is rewound
         if self.has_checkpoint:
             try:
                 verify_checkpoint(self.path / CHECKPOINT)
             except CheckpointError as exc:
                 raise RunDirError(f"--resume: {exc}") from None
             return
-        recorded = [r["round"] for r in self.read_records() if isinstance(r.get("round"), int)]
         if recorded and max(recorded) >= 1:
             raise RunDirError(
                 f"--resume: {self.path} has records through round {max(recorded)} but no "

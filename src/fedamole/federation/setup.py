@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from fedamole.config import Config
+from fedamole.config import Config, ConfigError
 from fedamole.data.pipeline import TaskSplits, encode_client, prepare_client_splits
 from fedamole.data.prompts import build_prompter
 from fedamole.device import resolve_device
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
+from fedamole.hmole.adapter import resolve_targets
 from fedamole.methods import resolve_method
-from fedamole.models import check_model_name
+from fedamole.models import check_model_name, model_skeleton
 from fedamole.reporting import RunDir
 
 
@@ -31,8 +32,20 @@ def checked(
     cfg = method.configure(cfg)
     resolve_device(cfg.model.device)
     check_model_name(cfg.model.name)
+    check_target_modules(cfg)
     method.check(cfg)
     return cfg, method
+
+
+def check_target_modules(cfg: Config) -> None:
+    """``hmole.target_modules`` against the model's own module names, from its config alone
+    (no weights), so a name that matches nothing is an error before data or weights load."""
+    skeleton = model_skeleton(cfg.model.name)
+    if skeleton is not None:
+        try:
+            resolve_targets(skeleton, cfg.hmole.target_modules)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
