@@ -9,7 +9,6 @@ connection closes after ``idle_timeout_s``, and a body that pauses longer is ref
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import uvicorn
 from rich.console import Console
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedamole.config import ConfigError
+from fedamole.http_server import header_deadline_protocol
 from fedamole.serving.api import KeyRing, Limits, create_app, readable_by_others
 from fedamole.serving.pool import ExportPool, ModelPool, RunPool
 from fedamole.serving.scheduler import BatchScheduler
@@ -45,53 +44,6 @@ class ServerSettings:
 
     def limits(self) -> Limits:
         return Limits(self.max_new_tokens, self.max_body_bytes, self.idle_timeout_s)
-
-
-class _HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, which waits for request headers forever, given a deadline: from
-    the moment a connection opens or finishes a response until the next request's headers are
-    complete; a connection that sends nothing or trickles its headers is closed then."""
-
-    header_timeout_s = 10.0
-    _deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        waiting = self.cycle
-        super().data_received(data)
-        if self.cycle is not waiting:  # a new request's headers are in
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._disarm()
-        if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout_s, self._expire)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expire(self) -> None:
-        busy = self.cycle is not None and not self.cycle.response_complete
-        if not busy:
-            self.transport.close()
-
-
-def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
-    """The protocol class uvicorn instantiates per connection, with this server's deadline."""
-    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": timeout_s})
 
 
 def is_loopback(host: str) -> bool:

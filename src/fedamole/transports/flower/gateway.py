@@ -28,6 +28,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fedamole.config import ConfigError
+from fedamole.http_server import header_deadline_protocol
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class GatewaySettings:
     ssl_keyfile: Path | None = None
     superlink_ca: Path | None = None  # the SuperLink speaks TLS; verify it with this CA
     insecure: bool = False  # plain HTTP outside: local try-outs only
+    header_timeout_s: float = 10.0  # a connection has this long to send each request's headers
+    idle_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
 
     def check(self) -> None:
         """Refuse a gateway without TLS outside unless asked for, and missing files."""
@@ -149,4 +152,6 @@ def run_gateway(settings: GatewaySettings) -> None:
         log_level="warning",
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        http=header_deadline_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]  # float works
     )
