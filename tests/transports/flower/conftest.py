@@ -289,10 +289,10 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def certs(tmp_path) -> Path:
-    """Test CA, SuperLink certificate and 3 SuperNode key pairs from the README's script."""
+    """Test CA, SuperLink certificate and 4 SuperNode key pairs from the README's script."""
     out = tmp_path / "certificates"
     script = REPO / "scripts" / "make_test_certs.py"
-    subprocess.run([sys.executable, str(script), str(out), "--nodes", "3"], check=True)
+    subprocess.run([sys.executable, str(script), str(out), "--nodes", "4"], check=True)
     return out
 
 
