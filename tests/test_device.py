@@ -116,3 +116,21 @@ def test_gradient_checkpointing_setting_reaches_the_backbone():
     model, _ = build_base_model(cfg)
     assert model.is_gradient_checkpointing
     assert not build_base_model(load_config(None, TINY))[0].is_gradient_checkpointing
+
+
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from fedamole import device as device_module
+    from fedamole.device import resolve_dtype
+    from fedamole.models import load_base_model
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == ("float32", "model.dtype")
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    assert resolve_dtype("auto", cpu) == (
+        "float32",
+        "auto: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)",
+    )
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert resolve_dtype("auto", cpu) == ("bfloat16", "auto: the CPU has avx512_bf16")
+    model, _ = load_base_model("tiny-random-llama", "auto", "cpu")
+    assert model.dtype == torch.bfloat16

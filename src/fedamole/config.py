@@ -37,8 +37,10 @@ class ModelConfig(_Section):
     device: str = Field(
         "auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen backbone; adapters keep float32 master weights"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the frozen backbone (auto: bf16 where the device computes it "
+        "natively, else float32); adapters keep float32 master weights",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30 % more time"

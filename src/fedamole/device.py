@@ -51,6 +51,39 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo names
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: no claim is made)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_dtype(setting: str, device: torch.device) -> tuple[str, str]:
+    """The backbone's dtype and why: ``auto`` -> bf16 where the device computes it natively (a
+    CUDA device that supports it; a CPU with AVX512-BF16 or AMX), float32 elsewhere, where bf16
+    would be emulated and slower."""
+    if setting != "auto":
+        return setting, "model.dtype"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"auto: {torch.cuda.get_device_name(device)} computes bf16"
+        return "float32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "cpu":
+        native = sorted(cpu_flags() & CPU_BF16_FLAGS)
+        if native:
+            return "bfloat16", f"auto: the CPU has {', '.join(native)}"
+        return "float32", "auto: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+    return "float32", f"auto: no native bf16 known for {device.type}"
+
+
 def autocast(device: torch.device, mixed_precision: MixedPrecision) -> AbstractContextManager:
     """``torch.autocast`` for the configured mixed precision, or a no-op for ``no``."""
     if mixed_precision == "no":

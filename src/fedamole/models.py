@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedamole.device import DTYPES
+from fedamole.device import DTYPES, resolve_dtype
 from fedamole.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,8 @@ def load_base_model(
     device: torch.device | str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return a frozen, eval-mode base model on ``device`` and its tokenizer (with a pad token)."""
+    dtype, why = resolve_dtype(dtype, torch.device(device))
+    log.info("backbone %s in %s on %s (%s)", name, dtype, device, why)
     torch_dtype = DTYPES[dtype]
     if name == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(torch_dtype)
