@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("fp32", type=Path)
     parser.add_argument("bf16", type=Path)
-    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--seeds", default="42,43,44", help="comma-separated")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = {"fp32": args.fp32, "bf16": args.bf16}
