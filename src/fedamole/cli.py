@@ -438,11 +438,7 @@ def fleet_gateway(
         superlink, host, port, ssl_certfile, ssl_keyfile, superlink_ca, insecure
     )
     with _user_errors():
-        settings.check()
-        console.print(
-            f"Fleet gateway on {host}:{port} -> {settings.upstream_url()} (only /v1/fleet/)"
-        )
-        run_gateway(settings)
+        run_gateway(settings)  # checks the settings, says where it listens, serves
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""What fedamole's HTTP servers (``fedamole serve``, ``fedamole fleet-gateway``) add to uvicorn:
-a deadline for each request's headers, so that a connection that sends nothing, or trickles its
-headers a byte at a time, cannot hold a server's connection slots for ever (uvicorn only times
-out idle kept-alive connections, after a response)."""
+"""How fedamole's HTTP servers (``fedamole serve``, ``fedamole fleet-gateway``) run uvicorn:
+with a deadline for each request's headers, so that a connection that sends nothing, or trickles
+its headers a byte at a time, cannot hold a server's connection slots for ever (uvicorn only
+times out idle kept-alive connections, after a response), and an idle timeout."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -52,6 +55,29 @@ class _HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
-def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
+def _header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
     """The protocol class uvicorn instantiates per connection, with this server's deadline."""
     return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": timeout_s})
+
+
+def serve_http(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    ssl_certfile: Path | None,
+    ssl_keyfile: Path | None,
+    header_timeout_s: float,
+    idle_timeout_s: float,
+) -> None:
+    """Serve ``app`` until interrupted: TLS when given, each request's headers due within
+    ``header_timeout_s``, kept-alive connections closed after ``idle_timeout_s`` idle."""
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        http=_header_deadline_protocol(header_timeout_s),
+        timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  # a float works
+    )

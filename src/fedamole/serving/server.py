@@ -15,11 +15,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
 from rich.console import Console
 
 from fedamole.config import ConfigError
-from fedamole.http_server import header_deadline_protocol
+from fedamole.http_server import serve_http
 from fedamole.serving.api import KeyRing, Limits, create_app, readable_by_others
 from fedamole.serving.pool import ExportPool, ModelPool, RunPool
 from fedamole.serving.scheduler import BatchScheduler
@@ -122,15 +121,14 @@ def run_server(
     )
     scheduler.start()
     try:
-        uvicorn.run(
+        serve_http(
             app,
-            host=settings.host,
-            port=settings.port,
-            log_level="warning",
-            ssl_certfile=settings.ssl_certfile,
-            ssl_keyfile=settings.ssl_keyfile,
-            http=header_deadline_protocol(settings.header_timeout_s),
-            timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]  # float works
+            settings.host,
+            settings.port,
+            settings.ssl_certfile,
+            settings.ssl_keyfile,
+            settings.header_timeout_s,
+            settings.idle_timeout_s,
         )
     finally:
         scheduler.stop()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -28,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fedamole.config import ConfigError
-from fedamole.http_server import header_deadline_protocol
+from fedamole.http_server import serve_http
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +144,12 @@ def run_gateway(settings: GatewaySettings) -> None:
         settings.port,
         settings.upstream_url(),
     )
-    uvicorn.run(
+    serve_http(
         create_gateway(upstream),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        ssl_certfile=settings.ssl_certfile,
-        ssl_keyfile=settings.ssl_keyfile,
-        http=header_deadline_protocol(settings.header_timeout_s),
-        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]  # float works
+        settings.host,
+        settings.port,
+        settings.ssl_certfile,
+        settings.ssl_keyfile,
+        settings.header_timeout_s,
+        settings.idle_timeout_s,
     )
