@@ -47,7 +47,12 @@ from fedamole.checkpoint import (  # noqa: E402
 )
 from fedamole.config import Config, load_config  # noqa: E402
 from fedamole.errors import UserError
-from fedamole.files import atomic_save_tensors, atomic_write_text  # noqa: E402
+from fedamole.files import (  # noqa: E402
+    TextFileError,
+    atomic_save_tensors,
+    atomic_write_text,
+    read_utf8,
+)
 from fedamole.tracking import NullTracker, Tracker, make_tracker, round_scalars  # noqa: E402
 from fedamole.types import (  # noqa: E402
     SPLIT_METRICS,
@@ -97,9 +102,9 @@ def _read_jsonl(path: Path) -> list[Record]:
     if not path.exists():
         return []
     try:
-        complete = path.read_text(encoding="utf-8").split("\n")[:-1]
-    except UnicodeDecodeError as exc:
-        raise RunDirError(f"{path} is damaged (not UTF-8 at byte {exc.start})") from None
+        complete = read_utf8(path).split("\n")[:-1]
+    except TextFileError as exc:
+        raise RunDirError(f"damaged: {exc}") from None
     records = []
     for number, line in enumerate(complete, 1):
         if not line.strip():

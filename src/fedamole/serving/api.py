@@ -33,6 +33,7 @@ from starlette.types import Message as ASGIMessage
 
 from fedamole.config import ConfigError
 from fedamole.data.example import UNLABELLED, Example
+from fedamole.files import TextFileError, read_utf8
 from fedamole.serving.decoding import DecodeResult, DecodeRow, Sampling
 from fedamole.serving.pool import ModelPool
 from fedamole.serving.scheduler import BatchScheduler, Pending, QueueFull
@@ -109,10 +110,10 @@ class KeyRing:
         if not path.is_file():
             raise KeyFileError(f"--api-keys {path}: no such file")
         try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except KeyFileError as exc:
+            doc = yaml.load(read_utf8(path), Loader=_UniqueKeyLoader)
+        except (KeyFileError, TextFileError) as exc:
             raise KeyFileError(f"--api-keys {path}: {exc}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except yaml.YAMLError as exc:
             raise KeyFileError(f"--api-keys {path}: not YAML/JSON ({exc})") from None
         if not isinstance(doc, dict) or not doc:
             raise KeyFileError(

@@ -23,6 +23,7 @@ import yaml
 from flwr.app import UserConfig, UserConfigValue
 
 from fedamole.config import Config, ConfigError, load_config
+from fedamole.files import TextFileError, read_utf8
 
 CONFIG_FILE = "config-file"
 ROSTER_FILE = "roster-file"
@@ -100,8 +101,10 @@ def load_roster(path: Path, num_clients: int) -> NodeRoster:
     if not path.is_file():
         raise ConfigError(f"{where}: no such file in the app folder")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        doc = yaml.safe_load(read_utf8(path))
+    except TextFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not a YAML file ({exc})") from None
     if not isinstance(doc, dict) or not all(
         isinstance(k, int) and isinstance(v, int) and not isinstance(v, bool)
