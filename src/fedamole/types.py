@@ -138,16 +138,21 @@ def to_wire(state: StateDict, dtype: WireDtype) -> StateDict:
     }
 
 
+def tensor_nbytes(tensor: Tensor) -> int:
+    """Bytes of one tensor on the wire (its raw data)."""
+    return tensor.numel() * tensor.element_size()
+
+
 def state_nbytes(state: StateDict) -> int:
     """Bytes of a state on the wire (raw tensor data), counted the same way by every transport."""
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return sum(tensor_nbytes(t) for t in state.values())
 
 
 def embeddings_nbytes(emb: ClientEmbeddings | None) -> int:
     if emb is None:
         return 0
     vectors = list(emb.data.values()) + [v for ex in emb.experts.values() for v in ex.values()]
-    return sum(v.numel() * v.element_size() for v in vectors)
+    return sum(tensor_nbytes(v) for v in vectors)
 
 
 def payload_nbytes(payload: ClientPayload) -> int:

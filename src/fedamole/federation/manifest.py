@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedamole.types import ClientPayload, ClientUpdate, StateDict
+from fedamole.types import ClientPayload, ClientUpdate, StateDict, tensor_nbytes
 
 Entry = dict[str, Any]
 
@@ -23,7 +23,7 @@ def tensor_entry(name: str, tensor: Tensor, dp_noise: bool = False) -> Entry:
         "name": name,
         "shape": list(tensor.shape),
         "dtype": str(tensor.dtype).removeprefix("torch."),
-        "bytes": tensor.numel() * tensor.element_size(),
+        "bytes": tensor_nbytes(tensor),
         "dp_noise": dp_noise,
     }
 
