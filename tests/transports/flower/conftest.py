@@ -214,6 +214,17 @@ class Deployment:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
+    def stop_run(self, name: str = "run") -> None:
+        """`flwr stop` the run the log ``name`` started: what an operator does after its
+        ServerApp crashed, so that SuperNodes stop waiting on the dead run's messages (Flower
+        otherwise marks it finished only when its heartbeat expires, about a minute later)."""
+        run_id = re.search(
+            r"Successfully started run (\d+)", (self.logs / f"{name}.log").read_text()
+        )
+        assert run_id, self.tail(name)
+        done = self.flwr("stop", run_id.group(1), CONNECTION)
+        assert done.returncode == 0, done.stdout + done.stderr
+
     def kill_serverapp(self) -> None:
         """SIGKILL the run's ServerApp process (a child of the SuperLink): the server crashes
         mid-run while the SuperLink and the SuperNodes stay up."""

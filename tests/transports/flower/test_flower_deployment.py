@@ -55,6 +55,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
     wait_for(lambda: (out / "checkpoint.safetensors").exists(), "round 0's checkpoint")
     deployment.kill_serverapp()
     deployment.kill("run")  # its log stream would wait for the dead ServerApp forever
+    deployment.stop_run()
     assert not (out / "summary.json").exists()
 
     deployment.start_run(run_config | {"resume": True})
