@@ -3,6 +3,8 @@ the Alpaca and the chat format; one metric per data set, per-example scores."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from fedamole.evaluation import (
     rouge_l_scores,
     split_metrics,
 )
+from fedamole.hmole import inject_hmole
 from fedamole.models import load_base_model
 
 CHOICE_EXAMPLES = [
@@ -279,3 +282,27 @@ def test_every_split_of_a_mixed_data_set_is_scored_with_the_same_metric(tiny) ->
     assert {frozenset(s.means()) for s in scores} == {
         frozenset({"num_examples", "rougeL", "exact_match"})
     }
+
+
+def _routed(model: torch.nn.Module) -> torch.nn.Module:
+    """HMoLE experts with non-zero B on the model: every token routed through its own top-k."""
+    adapter = inject_hmole(model, dropout=0.0)
+    adapter.set_architecture({m: [0, 2, 5] for m in adapter.modules})
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            for param in (layer.shared_B, layer.expert_B):
+                param.normal_(generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "chat_tiny"])
+def test_shared_prompt_scoring_equals_one_sequence_per_choice(fixture: str, request) -> None:
+    """The prompt's KV cache continued by each choice gives the full sequences' losses, with
+    per-token expert routing too (choices of different lengths, batches of mixed prompts)."""
+    model, prompter = request.getfixturevalue(fixture)
+    model = _routed(copy.deepcopy(model))
+    full = choice_losses(model, prompter, CHOICE_EXAMPLES, batch_size=4, shared_prompt=False)
+    shared = choice_losses(model, prompter, CHOICE_EXAMPLES, batch_size=4)
+    for full_row, shared_row in zip(full, shared, strict=True):
+        assert shared_row == pytest.approx(full_row, rel=1e-4)
+    assert len({round(loss, 3) for row in full for loss in row}) > 3  # the losses differ

@@ -209,6 +209,12 @@ class OptimConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="torch.autocast for forward passes (training and evaluation)"
     )
+    loss_logits: Literal["labelled", "all"] = Field(
+        "labelled",
+        description="training computes the vocabulary logits only where they predict a "
+        "labelled (response) token (labelled), or at every position as the model's own loss "
+        "does (all, the slower path kept for comparison); the loss is the same",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -271,6 +277,12 @@ class BaselinesConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
+    choice_scoring: Literal["shared_prompt", "full"] = Field(
+        "shared_prompt",
+        description="classification scoring: run each prompt once and continue its KV cache "
+        "with every choice (shared_prompt), or one full sequence per choice (full, the slower "
+        "path kept for comparison); both give the same losses",
+    )
     base_model: bool = Field(
         False,
         description="also score the frozen base model (no adapter) on every client's test split "

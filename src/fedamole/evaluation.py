@@ -25,6 +25,7 @@ from fedamole.config import EvalConfig
 from fedamole.data.example import DataError, Example
 from fedamole.data.prompts import Prompter
 from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_labelled
+from fedamole.models import cache_argument, prepends_virtual_tokens
 from fedamole.types import ACCURACY, EXACT_MATCH, NUM_EXAMPLES, ROUGE_L, split_metric
 
 log = logging.getLogger("fedamole.evaluation")
@@ -230,14 +231,26 @@ def choice_losses(
     prompter: Prompter,
     examples: Sequence[Example],
     batch_size: int,
+    *,
+    shared_prompt: bool = True,
 ) -> list[list[float]]:
     """Per example, the mean token loss of each choice as the response, encoded exactly as a
     training target (choice tokens + eos or end-of-turn).
 
     The end is scored too because training ends every response with it: it separates a choice
-    from longer continuations that merely start with it.
+    from longer continuations that merely start with it. With ``shared_prompt`` each prompt is
+    run once and its KV cache continued by every choice (:func:`_shared_prompt_losses`); the
+    causal model gives the same losses as one full sequence per choice, at a third of the
+    tokens for three short choices. Prompt-learning models score full sequences.
     """
     _check_choices(examples)
+    if shared_prompt and not prepends_virtual_tokens(model):
+        with eval_mode(model):
+            return [
+                row
+                for batch in _batches(examples, batch_size)
+                for row in _shared_prompt_losses(model, prompter, batch)
+            ]
     pairs = [
         encode_labelled(prompter, replace(example, output=choice))
         for example in examples
@@ -256,6 +269,72 @@ def choice_losses(
     return per_example
 
 
+def _shared_prompt_losses(
+    model: PreTrainedModel, prompter: Prompter, examples: Sequence[Example]
+) -> list[list[float]]:
+    """Choice losses of one batch: the prompts left-padded in one forward that keeps their KV
+    cache and the last position's logits (which predict each choice's first token), then every
+    choice's remaining tokens in one forward over the cache, its rows repeated per choice."""
+    device, pad_id = _device(model), prompter.tokenizer.pad_token_id
+    prompts = [prompter.prompt_ids(example) for example in examples]
+    targets = [
+        prompter.target_ids(replace(example, output=choice))
+        for example in examples
+        for choice in example.choices
+    ]
+    owner = torch.tensor([i for i, ex in enumerate(examples) for _ in ex.choices], device=device)
+    ids, mask = _left_padded(prompts, pad_id, device)
+    cache_name = cache_argument(model)
+    prefill = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = prefill.logits[:, -1].float().log_softmax(-1)[owner]  # (rows, vocab)
+    nll = -first.gather(1, torch.tensor([[t[0]] for t in targets], device=device))[:, 0]
+    width = max(len(t) for t in targets) - 1
+    if width > 0:  # the remaining tokens: each fed to predict the next
+        cache = getattr(prefill, cache_name)
+        cache.batch_select_indices(owner)
+        rest = torch.full((len(targets), width), pad_id, device=device)
+        labels = torch.full((len(targets), width), IGNORE_INDEX, device=device)
+        for row, target in enumerate(targets):
+            rest[row, : len(target) - 1] = torch.tensor(target[:-1])
+            labels[row, : len(target) - 1] = torch.tensor(target[1:])
+        lengths = mask.sum(1)[owner]
+        continued = model(
+            input_ids=rest,
+            attention_mask=torch.cat([mask[owner], (labels != IGNORE_INDEX).long()], dim=1),
+            position_ids=lengths[:, None] + torch.arange(width, device=device),
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        nll = nll + F.cross_entropy(
+            continued.logits.float().transpose(1, 2),
+            labels,
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).sum(1)
+    losses = (nll / torch.tensor([len(t) for t in targets], device=device)).tolist()
+    rows, start = [], 0
+    for example in examples:
+        rows.append(losses[start : start + len(example.choices)])
+        start += len(example.choices)
+    return rows
+
+
+def _left_padded(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of left-padded rows, so every row ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
 def _check_choices(examples: Sequence[Example]) -> None:
     missing = [example for example in examples if not example.choices]
     if missing:
@@ -271,9 +350,11 @@ def choice_hits(
     prompter: Prompter,
     examples: Sequence[Example],
     batch_size: int,
+    *,
+    shared_prompt: bool = True,
 ) -> list[float]:
     """1.0 for each example whose lowest-loss choice equals the reference output, else 0.0."""
-    losses = choice_losses(model, prompter, examples, batch_size)
+    losses = choice_losses(model, prompter, examples, batch_size, shared_prompt=shared_prompt)
     return [
         float(
             normalize_answer(example.choices[row.index(min(row))])
@@ -315,7 +396,9 @@ def score_examples(
 ) -> dict[str, list[float]]:
     """Per-example {"accuracy"} for classification data, else {"rougeL", "exact_match"}."""
     if classification:
-        return {ACCURACY: choice_hits(model, prompter, examples, cfg.batch_size)}
+        shared = cfg.choice_scoring == "shared_prompt"
+        hits = choice_hits(model, prompter, examples, cfg.batch_size, shared_prompt=shared)
+        return {ACCURACY: hits}
     predictions = generate(model, prompter, examples, cfg.max_new_tokens, cfg.batch_size)
     references = [example.output for example in examples]
     return {

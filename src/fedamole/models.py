@@ -4,6 +4,7 @@ Face hub id or local folder, and a tiny random Llama for tests."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -278,3 +279,19 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
         f"cannot load model {name!r}. Tried:\n  - built-in names: {DEFAULT_MODEL}, {TINY_MODEL}\n  - "
         + "\n  - ".join(tried)
     )
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """What the model's forward calls its KV cache: ``cache`` (transformers 5.2x) or, before,
+    ``past_key_values`` (the model under a PEFT wrapper is asked)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def prepends_virtual_tokens(model: torch.nn.Module) -> bool:
+    """True for a PEFT prompt-learning model (prompt/prefix/p-tuning): it adds its virtual tokens
+    on every forward, so its logits do not line up with the input's positions one to one and a
+    continuation fed after a cached prompt would get them a second time."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedamole.config import OptimConfig
-from fedamole.data.tokenize import collate
+from fedamole.data.tokenize import IGNORE_INDEX, collate
 from fedamole.device import autocast, model_device
+from fedamole.models import prepends_virtual_tokens
 
 Batch = dict[str, Tensor]
 StepCallback = Callable[[int, float], None]
@@ -51,6 +53,29 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def response_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """The model's own causal-LM loss (mean NLL over the labelled tokens), with the vocabulary
+    projection run only at the positions that predict a labelled token in some row.
+
+    Responses are a few tokens of a long prompt, and the projection onto a 49k-token vocabulary
+    (and the float32 cross-entropy over it) is a large part of a small model's step; skipping
+    positions whose next token is never scored changes no gradient. Prompt-learning models add
+    virtual positions, so they keep the model's own loss.
+    """
+    if prepends_virtual_tokens(model):
+        return model(**batch).loss
+    labels = batch["labels"]
+    predicting = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=predicting,
+    ).logits
+    return F.cross_entropy(
+        logits.float().transpose(1, 2), labels[:, predicting + 1], ignore_index=IGNORE_INDEX
+    )
+
+
 def train_steps(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -70,7 +95,12 @@ def train_steps(
     losses = []
     for step in range(steps):
         with autocast(device, optim.mixed_precision):
-            lm_loss = model(**to_device(next(batches), device)).loss
+            batch = to_device(next(batches), device)
+            lm_loss = (
+                response_loss(model, batch)
+                if optim.loss_logits == "labelled"
+                else model(**batch).loss
+            )
             loss = lm_loss + optim.lb_weight * aux_loss() if aux_loss is not None else lm_loss
         scaler.scale(loss).backward()
         if optim.grad_clip is not None:

@@ -12,7 +12,6 @@ shifts a row's rotary positions and a greedy row decodes the tokens ``generate``
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from fedamole.data.prompts import Prompter
+from fedamole.models import cache_argument
 from fedamole.serving.decoding import DecodeResult, DecodeRow, RowDecoder, Sampling
 
 # The pool's per-row adapter selection: row i uses ``keys[i]``; yields extra forward arguments.
@@ -48,7 +48,7 @@ class ContinuousBatch:
     def __init__(self, model: nn.Module, prompter: Prompter, rows: RowsContext) -> None:
         self.model, self.prompter, self.rows = model, prompter, rows
         self.device = next(model.parameters()).device
-        self.cache_argument = _cache_argument(model)
+        self.cache_argument = cache_argument(model)
         self.slots: list[Slot] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T)
@@ -176,14 +176,6 @@ class ContinuousBatch:
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """What the model's forward calls its KV cache: ``cache`` (transformers 5.2x) or, before,
-    ``past_key_values`` (the model under a PEFT wrapper is asked)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(inner.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _left_pad(x: Tensor, width: int, dim: int = -2) -> Tensor:
