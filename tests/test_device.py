@@ -134,3 +134,20 @@ def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
     assert resolve_dtype("auto", cpu) == ("bfloat16", "auto: the CPU has avx512_bf16")
     model, _ = load_base_model("tiny-random-llama", "auto", "cpu")
     assert model.dtype == torch.bfloat16
+
+
+def test_a_run_records_the_backbone_dtype_auto_chose_and_why(monkeypatch, tmp_path):
+    """`auto` is the default; method.json says what it became on this machine, and why."""
+    from fedamole import device as device_module
+    from fedamole.reporting import RunDir
+
+    cfg = load_config(None, ["model.name=tiny-random-llama", f"output.dir={tmp_path / 'a'}"])
+    assert cfg.model.dtype == "auto"
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    RunDir(tmp_path / "a").start(cfg, "fedamole")
+    recorded = json.loads((tmp_path / "a" / "method.json").read_text())["backbone_dtype"]
+    assert recorded == ["bfloat16", "auto: the CPU has amx_bf16"]
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset())
+    RunDir(tmp_path / "b").start(cfg, "fedamole")
+    recorded = json.loads((tmp_path / "b" / "method.json").read_text())["backbone_dtype"]
+    assert recorded[0] == "float32" and "no native bf16" in recorded[1]

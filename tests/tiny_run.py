@@ -4,6 +4,7 @@ what it changes and the last value of a key wins."""
 
 TINY_RUN = [
     "model.name=tiny-random-llama",
+    "model.dtype=float32",  # tests pin the numerics they compare; `auto` is bf16 on some CPUs
     "model.max_length=512",
     "data.synthetic_per_task=10",
     "data.min_client_size=8",

@@ -38,7 +38,7 @@ class ModelConfig(_Section):
         "auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32",
+        "auto",
         description="dtype of the frozen backbone (auto: bf16 where the device computes it "
         "natively, else float32); adapters keep float32 master weights",
     )

@@ -46,6 +46,7 @@ from fedamole.checkpoint import (  # noqa: E402
     write_checkpoint,
 )
 from fedamole.config import Config, load_config  # noqa: E402
+from fedamole.device import resolve_device, resolve_dtype  # noqa: E402
 from fedamole.errors import UserError
 from fedamole.files import (  # noqa: E402
     TextFileError,
@@ -237,10 +238,13 @@ class RunDir:
             )
 
     def start(self, cfg: Config, method: str) -> None:
-        """A new run: the exact config and the method, with a fresh run id."""
+        """A new run: the exact config and the method, with a fresh run id, and the backbone
+        dtype ``model.dtype`` resolves to here and why (on Flower: the server's machine; each
+        node logs its own)."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / CONFIG_FILE, cfg.to_yaml())
-        doc = {"method": method, "run_id": uuid.uuid4().hex}
+        dtype, why = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
+        doc = {"method": method, "run_id": uuid.uuid4().hex, "backbone_dtype": [dtype, why]}
         atomic_write_text(self.path / METHOD_FILE, json.dumps(doc))
 
     @property
@@ -252,7 +256,7 @@ class RunDir:
         """Stable across resumes: clients on other machines key their private state by it."""
         return self._method_doc().get("run_id", self.path.resolve().name)
 
-    def _method_doc(self) -> dict[str, str]:
+    def _method_doc(self) -> dict[str, Any]:
         path = self.path / METHOD_FILE
         if not path.is_file():
             raise RunDirError(f"{path} not found; is {self.path} a fedamole run?")

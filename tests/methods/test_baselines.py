@@ -96,7 +96,12 @@ def test_choice_scoring_of_a_prompt_model_reads_the_inputs_positions():
     """The virtual tokens' logits come first; each choice's loss must equal the model's own
     loss for that one sequence (PEFT pads the labels of the virtual tokens with -100)."""
     cfg = load_config(
-        None, ["model.name=tiny-random-llama", f"baselines.num_virtual_tokens={TOKENS}"]
+        None,
+        [
+            "model.name=tiny-random-llama",
+            "model.dtype=float32",
+            f"baselines.num_virtual_tokens={TOKENS}",
+        ],
     )
     method = FedPrompt()
     handle, tokenizer = method.build(cfg)

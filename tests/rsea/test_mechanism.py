@@ -23,6 +23,7 @@ from fedamole.transports.in_process import run_simulation
 
 GROUPED = [
     "model.name=tiny-random-llama",
+    "model.dtype=float32",
     "model.max_length=512",
     "data.synthetic_per_task=30",
     "data.train_frac=0.6",
