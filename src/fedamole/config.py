@@ -42,6 +42,11 @@ class ModelConfig(_Section):
         description="dtype of the frozen backbone (auto: bf16 where the device computes it "
         "natively, else float32); adapters keep float32 master weights",
     )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="the frozen backbone's linear layers in 4-bit NF4 (bitsandbytes) or int8 "
+        "weight-only (torchao), for every method; adapters stay float32 (needs the quant extra)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30 % more time"
     )

@@ -24,6 +24,7 @@ from transformers import (
 
 from fedamole.device import DTYPES, resolve_dtype
 from fedamole.errors import UserError
+from fedamole.quantization import Quantization, quantize_backbone
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,10 @@ def load_base_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",
     device: torch.device | str = "cpu",
+    quantization: Quantization = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return a frozen, eval-mode base model on ``device`` and its tokenizer (with a pad token)."""
+    """Return a frozen, eval-mode base model on ``device`` and its tokenizer (with a pad token),
+    its linear layers quantised as ``quantization`` says (:mod:`fedamole.quantization`)."""
     dtype, why = resolve_dtype(dtype, torch.device(device))
     log.info("backbone %s in %s on %s (%s)", name, dtype, device, why)
     torch_dtype = DTYPES[dtype]
@@ -248,7 +251,9 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    return model.to(device), tokenizer
+    model.to(device)
+    quantize_backbone(model, quantization)
+    return model, tokenizer
 
 
 def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

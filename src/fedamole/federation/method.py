@@ -79,10 +79,14 @@ AnswerGroup = tuple[AbstractContextManager[object], list[int]]
 
 
 def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The configured frozen backbone on its device and dtype, with gradient checkpointing if
-    asked (activations recomputed in backward: for models that do not fit otherwise)."""
+    """The configured frozen backbone on its device, dtype and quantisation, with gradient
+    checkpointing if asked (activations recomputed in backward: for models that do not fit
+    otherwise)."""
     model, tokenizer = load_base_model(
-        cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device)
+        cfg.model.name,
+        cfg.model.dtype,
+        resolve_device(cfg.model.device),
+        cfg.model.quantization,
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

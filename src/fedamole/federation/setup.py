@@ -20,6 +20,7 @@ from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHand
 from fedamole.hmole.adapter import resolve_targets
 from fedamole.methods import resolve_method
 from fedamole.models import check_model_name, model_skeleton
+from fedamole.quantization import check_quantization
 from fedamole.reporting import RunDir
 
 
@@ -32,6 +33,7 @@ def checked(
     cfg = method.configure(cfg)
     resolve_device(cfg.model.device)
     check_model_name(cfg.model.name)
+    check_quantization(cfg.model.quantization)
     check_target_modules(cfg)
     method.check(cfg)
     return cfg, method

@@ -418,6 +418,7 @@ def _base_config(doc: dict, base_model: str | None, device: str, folder: Path) -
                 "model": {
                     "name": base_model or doc["base_model"],
                     "dtype": doc["dtype"],
+                    "quantization": doc.get("quantization", "none"),
                     "device": device,
                 },
                 "hmole": doc.get("hmole", {}),
@@ -448,6 +449,7 @@ def _doc(saved: SavedClient, kind: Kind) -> dict[str, object]:
         "base_model": saved.cfg.model.name,
         "base_model_name_or_path": base_model_reference(saved.cfg),
         "dtype": saved.cfg.model.dtype,
+        "quantization": saved.cfg.model.quantization,
         "prompt_format": saved.cfg.data.prompt_format,
         "source": {
             "run": str(saved.run.path.resolve()),
@@ -481,11 +483,34 @@ def _base_note(cfg: Config) -> str:
     return f"The base model is `{name}`, as the run configured it (a hub id or a folder)."
 
 
+def _quantization_note(cfg: Config) -> str:
+    if cfg.model.quantization == "none":
+        return ""
+    return (
+        f" The adapter was trained on the backbone quantised to {cfg.model.quantization} "
+        "(`model.quantization`), and the code below quantises it the same way; serve it "
+        "unmerged: merging into quantised weights would quantise the adapter too."
+    )
+
+
+def _merge_note(cfg: Config) -> str:
+    if cfg.model.quantization != "none":
+        return ""
+    return "Merge for plain `transformers` serving: `model.merge_and_unload()`. "
+
+
+def _load_call(cfg: Config) -> str:
+    """The `load_base_model` call that rebuilds the run's backbone, quantisation included."""
+    quantized = cfg.model.quantization != "none"
+    extra = f', quantization="{cfg.model.quantization}"' if quantized else ""
+    return f'load_base_model("{cfg.model.name}"{extra})'
+
+
 def _header(saved: SavedClient, what: str) -> str:
     return (
         f"# {saved.method.name} client {saved.client_id}: {what}\n\n"
         f"Exported by fedamole {fedamole_version()} from run `{saved.run.path}`. "
-        f"{_base_note(saved.cfg)}\n"
+        f"{_base_note(saved.cfg)}{_quantization_note(saved.cfg)}\n"
     )
 
 
@@ -499,12 +524,11 @@ def _peft_readme(saved: SavedClient, adapters: list[str]) -> str:
 from peft import PeftModel
 from fedamole.models import load_base_model
 
-base, tokenizer = load_base_model("{saved.cfg.model.name}")
+base, tokenizer = {_load_call(saved.cfg)}
 model = PeftModel.from_pretrained(base, ".")   # this folder
 ```
 
-Merge for plain `transformers` serving: `model.merge_and_unload()`. Prompt it in the format it
-was trained with: `prompt_format` in `{MODEL_FILE}` (`auto` = the tokenizer's chat template when
+{_merge_note(saved.cfg)}Prompt it in the format it was trained with: `prompt_format` in `{MODEL_FILE}` (`auto` = the tokenizer's chat template when
 it has one, else fedamole's Alpaca template; `fedamole.load_pretrained(".").prompter.prompt(...)`
 renders it).
 """
@@ -549,9 +573,9 @@ On the client's validation split, {fidelity.metric}: routed {fidelity.routed:.4f
 from peft import PeftModel
 from fedamole.models import load_base_model
 
-base, tokenizer = load_base_model("{saved.cfg.model.name}")
+base, tokenizer = {_load_call(saved.cfg)}
 model = PeftModel.from_pretrained(base, ".")   # this folder
-merged = model.merge_and_unload()              # a plain transformers model
 ```
+{_merge_note(saved.cfg)}
 """
     )
