@@ -32,6 +32,7 @@ def _compare(out, *extra: str, methods: str = "local,fedamole") -> None:
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.e2e
 def test_compare_two_methods_two_seeds_in_parallel_writes_report_with_intervals(
     tmp_path, shared_data
 ):
@@ -89,6 +90,7 @@ def test_compare_two_methods_two_seeds_in_parallel_writes_report_with_intervals(
     assert float(row.split("|")[2]) == pytest.approx(-diff["mean"], abs=1e-4)
 
 
+@pytest.mark.e2e
 def test_compare_skips_finished_runs_and_resumes_killed_ones(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     _compare(out)
@@ -145,6 +147,7 @@ def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatc
         assert ref.keys() == got.keys() and all((ref[k] == got[k]).all() for k in ref)
 
 
+@pytest.mark.e2e
 def test_compare_runs_the_paper_baselines_end_to_end(tmp_path):
     out = tmp_path / "cmp"
     _compare(out, methods="fedprompt,fedptuning,fdlora")

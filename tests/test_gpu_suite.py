@@ -37,6 +37,7 @@ def run_suite(out: Path, data: Path, **settings: str) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.e2e
 def test_smoke_suite_runs_both_stages_and_writes_the_summary(tmp_path, shared_data):
     out = tmp_path / "out"
     result = run_suite(out, shared_data)
@@ -60,6 +61,7 @@ def test_smoke_suite_runs_both_stages_and_writes_the_summary(tmp_path, shared_da
     assert f"| aten ops per step | {hmole['aten_ops']} | {lora['aten_ops']} |" in summary
 
 
+@pytest.mark.e2e
 def test_stages_cut_by_their_time_limit_are_reported_and_fail_the_suite(tmp_path, shared_data):
     out = tmp_path / "out"
     result = run_suite(out, shared_data, OVERHEAD_TIMEOUT="1", COMPARE_TIMEOUT="1")

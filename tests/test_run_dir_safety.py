@@ -54,6 +54,7 @@ def _killed_after_last_round(finished: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.e2e
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     """Two real `fedamole run` processes on one folder: the second (--resume) is refused while
     the first holds it (stopped mid-run, so it surely does), and the first's records stay

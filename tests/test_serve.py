@@ -133,6 +133,7 @@ def _key_for(model: str) -> str:
     return next(key for key, models in KEYS.items() if model in models)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["fedamole", "fedit"])
 def test_greedy_answers_are_generates_alone_streamed_and_16_at_once(
     method, runs, generated, request
@@ -174,6 +175,7 @@ def test_greedy_answers_are_generates_alone_streamed_and_16_at_once(
     assert answers == [generated[method, c, p] for c, p in jobs]
 
 
+@pytest.mark.e2e
 def test_keys_keep_each_organisation_to_its_own_models(fedamole_server):
     url = fedamole_server
     for key, models in KEYS.items():
@@ -190,6 +192,7 @@ def test_keys_keep_each_organisation_to_its_own_models(fedamole_server):
     assert "client-0" in other.value.body["message"]
 
 
+@pytest.mark.e2e
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(fedamole_server, generated):
     url, key = fedamole_server, "sk-org-zero-0000"
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -360,6 +363,7 @@ def guarded_server(runs, tmp_path_factory) -> Iterator[str]:
     )
 
 
+@pytest.mark.e2e
 def test_one_huge_request_does_not_hold_up_another_organisation(guarded_server, generated):
     """A 10 MiB chat body (under the limit) from organisation one while organisation zero asks
     normal questions: theirs are answered as alone, and the huge one is refused by its length
@@ -392,6 +396,7 @@ def _raw(url: str, data: bytes, timeout: float = 30) -> bytes:
         return received
 
 
+@pytest.mark.e2e
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(guarded_server):
     """Only the headers go out: a declared 20 MB body is answered 413 without being read."""
     head = (
@@ -410,6 +415,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(guarded_server):
     assert big.status_code == 413 and "--max-body-bytes" in big.json()["error"]["message"]
 
 
+@pytest.mark.e2e
 def test_silent_and_trickling_connections_are_closed(guarded_server):
     assert _raw(guarded_server, b"") == b""  # sends nothing: closed after the header timeout
     host, port = guarded_server.removeprefix("http://").split(":")
@@ -436,6 +442,7 @@ def test_silent_and_trickling_connections_are_closed(guarded_server):
     assert httpx.get(f"{guarded_server}/health").status_code == 200  # and the server goes on
 
 
+@pytest.mark.e2e
 def test_health_tells_only_a_key_holder_how_many_models(guarded_server):
     assert httpx.get(f"{guarded_server}/health").json() == {"status": "ok"}
     wrong = httpx.get(f"{guarded_server}/health", headers={"Authorization": "Bearer sk-nobody-00"})

@@ -61,6 +61,7 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
     assert (out / "plots" / "rsea_diagnostics.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_summary(tmp_path):
     extra = ["federation.rounds=3"]
     reference = run_simulation(tiny_config(tmp_path / "reference", *extra))

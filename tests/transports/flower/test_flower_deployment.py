@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from same_run import assert_same_run, records_of, wait_for
@@ -11,6 +12,8 @@ from same_run import assert_same_run, records_of, wait_for
 from fedamole.config import load_config
 from fedamole.hmole.keys import state_keys
 from fedamole.transports.in_process import run_simulation
+
+pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
 
 
 def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, tmp_path):

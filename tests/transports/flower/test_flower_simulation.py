@@ -21,6 +21,8 @@ from fedamole.config import load_config
 from fedamole.transports.flower import simulation
 from fedamole.transports.in_process import run_simulation
 
+pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
+
 pytest.importorskip("ray", reason="needs the simulation extra: pip install -e '.[simulation]'")
 
 FEDAMOLE = Path(sys.executable).parent / "fedamole"

@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from same_run import records_of
+
+pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
 
 SECRET = "sk-hospital-a-0123456789abcdef"
 
