@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/default.yaml
 ARGS    ?=
 
-.PHONY: run test test-fast lint bench install clean
+.PHONY: run test test-fast lint docs bench install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 # everything but the tests that start real processes (the `e2e` marker): a contributor's lane
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e" $(ARGS)
+
+# docs/configuration.md is generated from the Config model (a test checks it is current)
+docs: $(STAMP)
+	$(PY) -m fedamole.config_reference > docs/configuration.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from fedamole.config import Config, ConfigError, load_config
 
@@ -109,3 +110,17 @@ def test_own_data_settings_parse():
 
 def test_a_bare_no_for_mixed_precision_is_the_string_no():
     assert load_config(None, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+
+
+def test_the_configuration_reference_is_what_config_accepts():
+    """docs/configuration.md is generated from Config: a key added, renamed or re-described in
+    the code without `make docs` fails here."""
+    from fedamole.config_reference import reference_markdown
+
+    written = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert written == reference_markdown(), "docs/configuration.md is stale: run `make docs`"
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for key in model.model_fields:
+                assert f"`{section}.{key}" in written, f"{section}.{key}"
