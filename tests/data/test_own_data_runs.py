@@ -83,3 +83,41 @@ def test_a_malformed_row_names_file_and_line_before_the_model_loads(tmp_path):
     with pytest.raises(DataError, match=r"broken\.jsonl, line 7"):
         _run(tmp_path, "data.source=jsonl", f"data.path={path}")
     assert not (tmp_path / "run").exists()
+
+
+def _readme_section(title: str) -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index(f"## {title}\n")
+    return readme[start : readme.index("\n## ", start + 1)]
+
+
+def _readme_rows() -> list[dict]:
+    blocks = _readme_section("Your own data").split("```json\n")[1:]
+    return [json.loads(block.split("```")[0]) for block in blocks]
+
+
+@pytest.mark.parametrize("row", _readme_rows(), ids=lambda row: next(iter(row)))
+def test_the_readmes_own_data_rows_train_with_its_command(row, tmp_path, monkeypatch):
+    """Each example row of the README's "Your own data", as the file its command names, trains
+    through that command as written (plus the tiny test model's settings)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from fedamole.cli import app
+
+    line = next(
+        line
+        for line in _readme_section("Your own data").splitlines()
+        if line.startswith(".venv/bin/fedamole run")
+    )
+    words = shlex.split(line)[1:]
+    data_file = next(w.split("=", 1)[1] for w in words if w.startswith("data.path="))
+    text = json.dumps(row)
+    (tmp_path / data_file).write_text("".join(text.replace("2", str(i)) + "\n" for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    settings = [arg for item in TINY for arg in ("--set", item)]
+    result = CliRunner().invoke(app, [*words, *settings])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / words[words.index("--out") + 1]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
