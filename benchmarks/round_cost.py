@@ -50,7 +50,7 @@ SCENARIOS = {
 # phase -> (module path suffix, function name) whose cumulative time it is; none nests in another
 # except the server's round completion, which contains aggregation (subtracted below).
 PHASES: dict[str, list[tuple[str, str]]] = {
-    "model set-up (load, inject adapters)": [("federation/setup.py", "build_clients")],
+    "model set-up (load, inject adapters)": [("transports/setup.py", "build_clients")],
     "base-model scores (eval.base_model)": [("transports/in_process.py", "base_model_scores")],
     "local training steps": [("federation/training.py", "train_steps")],
     "validation + test scoring": [("federation/method.py", "evaluate_client")],
@@ -74,7 +74,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
             "save_client_model",
         )
     ],
-    "data: read, split, tokenise": [("federation/setup.py", "open_run")],
+    "data: read, split, tokenise": [("transports/setup.py", "open_run")],
 }
 
 

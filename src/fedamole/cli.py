@@ -115,7 +115,7 @@ def _check_simulation_run(cfg: Config, method: str | None, resume: bool) -> None
     directory, Ray itself."""
     import importlib.util
 
-    from fedamole.federation.setup import open_run
+    from fedamole.transports.setup import open_run
 
     if importlib.util.find_spec("ray") is None:
         raise ConfigError(

@@ -38,12 +38,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  #
 
 from fedamole.config import ConfigError, load_config  # noqa: E402
 from fedamole.errors import UserError
-from fedamole.federation.setup import checked  # noqa: E402
 from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS  # noqa: E402
 from fedamole.reporting import CONFIG_FILE, SERVER, SUMMARY, RunDir  # noqa: E402
 from fedamole.stats import Estimate, bootstrap_difference, bootstrap_mean  # noqa: E402
 from fedamole.transports.in_process import run_simulation  # noqa: E402
+from fedamole.transports.setup import checked  # noqa: E402
 
 HEADLINE = "selected"
 HEADLINE_NOTE = (

@@ -117,6 +117,8 @@ class ClientUpdate:
     metrics: Metrics = field(default_factory=dict)
     example_scores: ExampleScores = field(default_factory=dict)
     personal_model: StateDict | None = None
+    # where the client's own machine keeps its personalised model when it does not send it
+    kept_at: str | None = None
 
 
 @dataclass
@@ -127,6 +129,7 @@ class ClientEvaluation:
     metrics: Metrics
     example_scores: ExampleScores = field(default_factory=dict)
     personal_model: StateDict | None = None
+    kept_at: str | None = None
 
 
 def to_wire(state: StateDict, dtype: WireDtype) -> StateDict:

@@ -15,8 +15,8 @@ from fedamole.config import load_config
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.engine import Engine
 from fedamole.federation.method import ClientRuntime, FederatedMethod
-from fedamole.federation.setup import build_clients, open_run
 from fedamole.reporting import RunDir
+from fedamole.transports.setup import build_clients, open_run
 from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, StateDict
 
 TINY = [*TINY_RUN, "model.device=cpu", "federation.num_clients=3", "federation.rounds=2"]

@@ -234,6 +234,8 @@ class Engine:
             }
             if reply.personal_model is None:
                 doc["weights"] = "kept on the client's own node (it holds private tensors)"
+                if reply.kept_at is not None:
+                    doc["kept_at"] = reply.kept_at  # the folder on that node, as it reported
             self.run_dir.save_client_model(
                 c, reply.personal_model, self.method.client_model_file, doc
             )

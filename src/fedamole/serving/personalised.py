@@ -41,7 +41,6 @@ from fedamole.federation.method import (
 from fedamole.files import read_utf8
 from fedamole.methods import get_method
 from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, CONFIG_FILE, RunDir, RunDirError
-from fedamole.transports.flower.node_config import MODEL_FOLDER, STATE_DIR, node_client_folder
 from fedamole.types import StateDict
 
 # How a client's model answers examples: index groups, each under one context (its method's rule).
@@ -190,7 +189,7 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
             "part in the last round)"
         )
     if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise RunDirError(_kept_on_node(run, client_id, method))
+        raise RunDirError(_kept_on_node(run, client_id, method, description))
     cfg = _on_device(method.configure(run.config()), device)
     return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
 
@@ -216,14 +215,14 @@ def load_base_model_of(run_dir: Path, device: str | None = None) -> ClientModel:
     return ClientModel(model.eval(), prompter, f"base model {cfg.model.name} of {run.path}")
 
 
-def _kept_on_node(run: RunDir, client_id: int, method: FederatedMethod) -> str:
-    where = node_client_folder(Path("<state-dir>"), run.run_id, client_id) / MODEL_FOLDER
+def _kept_on_node(run: RunDir, client_id: int, method: FederatedMethod, description: Path) -> str:
+    """Where the client's node said it keeps the model (the run records it in ``description``)."""
+    kept_at = json.loads(read_utf8(description)).get("kept_at")
+    where = f"in {kept_at}/ on that node" if kept_at else "in the node's state folder"
     return (
         f"client {client_id} of run {run.path} ({method.name}) kept its model on its own Flower "
-        f"node: it holds tensors that never leave the organisation. On that node it is in "
-        f"{where}/ (node config `{STATE_DIR}`, default $FEDAMOLE_CACHE/nodes, i.e. "
-        f"~/.cache/fedamole/nodes); copy its {ADAPTER_WEIGHTS} into "
-        f"{run.client_folder(client_id)}/ to load it from this run"
+        f"node: it holds tensors that never leave the organisation. It is {where}; copy its "
+        f"{ADAPTER_WEIGHTS} into {run.client_folder(client_id)}/ to load it from this run"
     )
 
 

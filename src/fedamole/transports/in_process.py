@@ -27,7 +27,7 @@ from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.engine import Engine
 from fedamole.federation.method import ClientRuntime, FederatedMethod, build_base_model
-from fedamole.federation.setup import build_clients, open_run
+from fedamole.transports.setup import build_clients, open_run
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,

@@ -30,7 +30,6 @@ from fedamole.data.sources import load_source
 from fedamole.data.splits import split_client
 from fedamole.federation.client import evaluate_job, train_job
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
-from fedamole.federation.setup import client_runtime
 from fedamole.files import atomic_save_tensors, atomic_write_text
 from fedamole.methods import get_method
 from fedamole.reporting import ADAPTER_WEIGHTS
@@ -49,6 +48,7 @@ from fedamole.transports.flower.records import (
     run_from_record,
     update_to_record,
 )
+from fedamole.transports.setup import client_runtime
 from fedamole.types import ClientPayload, StateDict
 
 
@@ -59,7 +59,7 @@ def train_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
     runtime = node.runtime(payload.round)
     update = train_job(node.method, payload, runtime)
     node.save_private(payload.round + 1, runtime.private)
-    update.personal_model = node.keep_personal_model(payload, update.personal_model)
+    update.personal_model, update.kept_at = node.keep_personal_model(payload, update.personal_model)
     return update_to_record(update)
 
 
@@ -69,7 +69,9 @@ def evaluate_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
     payload = payload_from_record(content)
     runtime = node.runtime(payload.round + 1)
     evaluation = evaluate_job(node.method, payload, runtime)
-    evaluation.personal_model = node.keep_personal_model(payload, evaluation.personal_model)
+    evaluation.personal_model, evaluation.kept_at = node.keep_personal_model(
+        payload, evaluation.personal_model
+    )
     return evaluation_to_record(evaluation)
 
 
@@ -125,11 +127,12 @@ class Node:
 
     def keep_personal_model(
         self, payload: ClientPayload, model: StateDict | None
-    ) -> StateDict | None:
+    ) -> tuple[StateDict | None, str | None]:
         """Write the last round's personalised model on this node; send it to the server only
-        when the method shares it (else it holds tensors that never leave the organisation)."""
+        when the method shares it (else it holds tensors that never leave the organisation, and
+        the server is told only the folder it is in, to say where to find it)."""
         if model is None:
-            return None
+            return None, None
         folder = self.folder / MODEL_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(folder / ADAPTER_WEIGHTS, model)
@@ -140,7 +143,9 @@ class Node:
             **self.method.describe(self.cfg, payload),
         }
         atomic_write_text(folder / self.method.client_model_file, json.dumps(doc, indent=1))
-        return model if self.method.shares_personal_model else None
+        if self.method.shares_personal_model:
+            return model, None
+        return None, str(folder.resolve())
 
 
 # Keyed by strings (a Config is not hashable); one entry, as one process serves one run.

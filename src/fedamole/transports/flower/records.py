@@ -138,6 +138,15 @@ def _personal_model(content: RecordDict) -> StateDict | None:
     return None if record is None else _tensors(record)
 
 
+def _kept_at(folder: str | None) -> dict[str, str]:
+    return {} if folder is None else {"kept-at": folder}
+
+
+def _kept_at_of(content: RecordDict) -> str | None:
+    folder = content.config_records[UPDATE].get("kept-at")
+    return None if folder is None else str(folder)
+
+
 def _scores(content: RecordDict) -> dict[str, list[float]]:
     return {k: [float(x) for x in v] for k, v in content.metric_records[EXAMPLE_SCORES].items()}
 
@@ -146,7 +155,10 @@ def update_to_record(update: ClientUpdate) -> RecordDict:
     """Client -> server: trained weights, example count, metrics, scores, (optional) embeddings."""
     records = {
         WEIGHTS: _arrays(update.weights),
-        UPDATE: ConfigRecord({"client-id": update.client_id, "num-examples": update.num_examples}),
+        UPDATE: ConfigRecord(
+            {"client-id": update.client_id, "num-examples": update.num_examples}
+            | _kept_at(update.kept_at)
+        ),
         **_results(update.metrics, update.example_scores, update.personal_model),
     }
     if update.embeddings is not None:
@@ -164,12 +176,13 @@ def update_from_record(content: RecordDict) -> ClientUpdate:
         metrics=dict(content.metric_records[METRICS]),
         example_scores=_scores(content),
         personal_model=_personal_model(content),
+        kept_at=_kept_at_of(content),
     )
 
 
 def evaluation_to_record(evaluation: ClientEvaluation) -> RecordDict:
     records = {
-        UPDATE: ConfigRecord({"client-id": evaluation.client_id}),
+        UPDATE: ConfigRecord({"client-id": evaluation.client_id} | _kept_at(evaluation.kept_at)),
         **_results(evaluation.metrics, evaluation.example_scores, evaluation.personal_model),
     }
     return RecordDict(records)
@@ -181,6 +194,7 @@ def evaluation_from_record(content: RecordDict) -> ClientEvaluation:
         metrics=dict(content.metric_records[METRICS]),
         example_scores=_scores(content),
         personal_model=_personal_model(content),
+        kept_at=_kept_at_of(content),
     )
 
 

@@ -28,7 +28,6 @@ from rich.console import Console
 
 from fedamole.config import Config
 from fedamole.federation.engine import Engine
-from fedamole.federation.setup import open_run
 from fedamole.reporting import RunDir
 from fedamole.transports.flower.records import (
     RunInfo,
@@ -38,6 +37,7 @@ from fedamole.transports.flower.records import (
     update_from_record,
 )
 from fedamole.transports.flower.settings import FlowerSettings, NodeRoster, load_settings
+from fedamole.transports.setup import open_run
 from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, ServerState, StateDict
 
 log = logging.getLogger("fedamole.flower")
