@@ -128,7 +128,7 @@ def one_size(clients: int, rounds: int, work: Path) -> dict[str, float]:
     timer.wrap(in_process.InProcessTransport, reporting.RunDir)
     cfg = load_config(None, _settings(clients, rounds, data, out))
     began = time.perf_counter()
-    in_process.run_simulation(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    in_process.run_in_process(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
     total = time.perf_counter() - began
     steady = range(1, rounds - 1)  # the last round also writes client models and plots
     round_s = [timer.starts[r + 1] - timer.starts[r] for r in steady]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fedamole import models
 from fedamole.cli import app
 from fedamole.federation import method as federation_method
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 
 def _sets(*items: str) -> list[str]:
@@ -31,7 +31,7 @@ def finished(tmp_path_factory) -> Path:
     from fedamole.config import load_config
 
     out = tmp_path_factory.mktemp("bad-inputs") / "run"
-    run_simulation(load_config(None, [*TINY_RUN, f"output.dir={out}"]))
+    run_in_process(load_config(None, [*TINY_RUN, f"output.dir={out}"]))
     return out
 
 

@@ -100,10 +100,10 @@ def test_compare_skips_finished_runs_and_resumes_killed_ones(tmp_path, monkeypat
     assert doc["methods"]["fedamole"]["bytes_up_per_round"] > 0
 
     calls = []
-    real = fedamole.compare.run_simulation
+    real = fedamole.compare.run_in_process
     monkeypatch.setattr(
         fedamole.compare,
-        "run_simulation",
+        "run_in_process",
         lambda cfg, **kw: (
             calls.append((cfg.output.dir.parent.name, kw["resume"])) or real(cfg, **kw)
         ),
@@ -120,7 +120,7 @@ def test_compare_skips_finished_runs_and_resumes_killed_ones(tmp_path, monkeypat
 def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatch):
     """FedDPA's local adapters live only on the clients: a resumed run must get them back."""
     tiny = [*TINY, "federation.rounds=2"]
-    in_process.run_simulation(
+    in_process.run_in_process(
         load_config(None, [*tiny, f"output.dir={tmp_path / 'ref'}"]), method="feddpa"
     )
 
@@ -134,11 +134,11 @@ def test_killed_baseline_run_resumes_with_its_private_state(tmp_path, monkeypatc
     with monkeypatch.context() as patch:
         patch.setattr(RunDir, "save_checkpoint", killed)
         with pytest.raises(KeyboardInterrupt):
-            in_process.run_simulation(
+            in_process.run_in_process(
                 load_config(None, [*tiny, f"output.dir={out}"]), method="feddpa"
             )
     assert not (out / "summary.json").exists()
-    in_process.run_simulation(
+    in_process.run_in_process(
         load_config(None, [*tiny, f"output.dir={out}"]), resume=True, method="feddpa"
     )
     for cid in (0, 1):
@@ -172,7 +172,7 @@ def test_a_killed_run_of_a_paper_baseline_resumes_to_the_uninterrupted_result(
     """Killed after round 1's checkpoint: FDLoRA's personal LoRAs (synchronised in round 0, kept
     by the clients) and the server's outer momentum (made in round 1) must both come back."""
     tiny = [*TINY, "federation.rounds=3"]
-    reference = in_process.run_simulation(
+    reference = in_process.run_in_process(
         load_config(None, [*tiny, f"output.dir={tmp_path / 'ref'}"]), method=method
     )
 
@@ -190,8 +190,8 @@ def test_a_killed_run_of_a_paper_baseline_resumes_to_the_uninterrupted_result(
     with monkeypatch.context() as patch:
         patch.setattr(RunDir, "save_checkpoint", killed)
         with pytest.raises(KeyboardInterrupt):
-            in_process.run_simulation(cfg, method=method)
-    resumed = in_process.run_simulation(cfg, resume=True, method=method)
+            in_process.run_in_process(cfg, method=method)
+    resumed = in_process.run_in_process(cfg, resume=True, method=method)
 
     def without_time(summary: dict) -> dict:
         return {k: v for k, v in summary.items() if k != "wall_time_s"}
@@ -207,6 +207,6 @@ def test_a_killed_run_of_a_paper_baseline_resumes_to_the_uninterrupted_result(
 def test_resume_refuses_a_run_of_another_method(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY, f"output.dir={out}"])
-    in_process.run_simulation(cfg, method="local")
+    in_process.run_in_process(cfg, method="local")
     with pytest.raises(RunDirError, match="'local' run"):
-        in_process.run_simulation(cfg, resume=True, method="fedit")
+        in_process.run_in_process(cfg, resume=True, method="fedit")

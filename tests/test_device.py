@@ -17,14 +17,14 @@ from fedamole.config import ConfigError, load_config
 from fedamole.device import DeviceError, autocast, resolve_device
 from fedamole.federation.method import build_base_model
 from fedamole.models import load_base_model
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "eval.max_new_tokens=2"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 
 
 def _run(out: Path, *extra: str) -> dict:
-    return run_simulation(load_config(None, [*TINY, f"output.dir={out}", *extra]))
+    return run_in_process(load_config(None, [*TINY, f"output.dir={out}", *extra]))
 
 
 def _bytes_up(out: Path) -> int:

@@ -34,7 +34,7 @@ from fedamole.serving.personalised import (
     rebuild,
     request_examples,
 )
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 # One round; a large learning rate so that two steps move the adapters visibly.
 TINY = [*TINY_RUN, "model.device=cpu", "federation.num_clients=3", "optim.lr=0.02"]
@@ -48,7 +48,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method in ("fedit", "fedamole", "feddpa"):
         out[method] = root / method
-        run_simulation(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
+        run_in_process(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
     return out
 
 

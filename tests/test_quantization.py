@@ -17,7 +17,7 @@ from fedamole.serving import load_client_model
 from fedamole.serving.api import Limits, create_app
 from fedamole.serving.pool import RunPool
 from fedamole.serving.scheduler import BatchScheduler
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 QUANTIZATIONS = ["nf4", "int8"]
 
@@ -94,7 +94,7 @@ def test_quantised_fedamole_resumes_to_the_uninterrupted_run(quantization, tmp_p
     """Interrupted (Ctrl-C) once round 0's checkpoint is written, then resumed: the rebuilt
     quantised backbone continues exactly where the run stopped."""
     rounds = "federation.rounds=2"
-    reference = run_simulation(_config(tmp_path / "reference", quantization, rounds))
+    reference = run_in_process(_config(tmp_path / "reference", quantization, rounds))
 
     save = RunDir.save_checkpoint
 
@@ -105,9 +105,9 @@ def test_quantised_fedamole_resumes_to_the_uninterrupted_run(quantization, tmp_p
     monkeypatch.setattr(RunDir, "save_checkpoint", save_then_stop)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        run_simulation(_config(out, quantization, rounds))
+        run_in_process(_config(out, quantization, rounds))
     monkeypatch.setattr(RunDir, "save_checkpoint", save)
-    resumed = run_simulation(_config(out, quantization, rounds), resume=True)
+    resumed = run_in_process(_config(out, quantization, rounds), resume=True)
     assert _metrics(resumed) == _metrics(reference)
 
 
@@ -115,7 +115,7 @@ def test_quantised_fedamole_resumes_to_the_uninterrupted_run(quantization, tmp_p
 def test_quantised_fedit_is_generated_and_served(quantization, tmp_path) -> None:
     """`fedamole generate`'s model and the API answer alike from the quantised backbone."""
     out = tmp_path / "fedit"
-    run_simulation(_config(out, quantization), method="fedit")
+    run_in_process(_config(out, quantization), method="fedit")
     prompt = "Name a colour."
     alone = load_client_model(out, 0).generate(prompt, max_new_tokens=4)[0]
 

@@ -21,7 +21,7 @@ from tiny_run import TINY_RUN
 from fedamole.compare import compare
 from fedamole.config import ConfigError, load_config
 from fedamole.reporting import RunDirError
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "federation.rounds=2"]
 FEDAMOLE = Path(sys.executable).parent / "fedamole"
@@ -37,7 +37,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _run(out: Path, *extra: str, resume: bool = False) -> dict:
     cfg = load_config(None, [*TINY, f"output.dir={out}", *extra])
-    return run_simulation(cfg, resume=resume)
+    return run_in_process(cfg, resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_an_intact_killed_run_moved_elsewhere_resumes_where_it_lies(
 ):
     moved = _killed_after_last_round(finished, tmp_path / "elsewhere" / "run")
     monkeypatch.chdir(tmp_path / "elsewhere")
-    summary = run_simulation(load_config(None, [*TINY, "output.dir=run"]), resume=True)
+    summary = run_in_process(load_config(None, [*TINY, "output.dir=run"]), resume=True)
     reference = json.loads((finished / "summary.json").read_text())
     assert summary["mean"] == reference["mean"] and (moved / "summary.json").is_file()
 

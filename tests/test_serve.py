@@ -29,7 +29,7 @@ from fedamole.serving.decoding import DecodeRow, Sampling
 from fedamole.serving.personalised import request_examples
 from fedamole.serving.pool import ExportPool, RunPool
 from fedamole.serving.scheduler import BatchScheduler, Pending, QueueFull
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.05", "federation.num_clients=3"]
 PROMPTS = ["What is 12 plus 30?", "Name a colour.", "Sort: pear apple fig", "Say hello"]
@@ -49,7 +49,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method in ("fedamole", "fedit"):
         out[method] = root / method
-        run_simulation(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
+        run_in_process(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
         for client in range(3):
             _make_distinct(RunDir(out[method]).client_folder(client) / ADAPTER_WEIGHTS, client)
     return out
@@ -293,7 +293,7 @@ def test_one_client_at_a_time_methods_and_exports_answer_as_generate(runs, tmp_p
     """FedDPA (its per-prompt mix) is served one client at a time on the shared backbone, an
     exported folder as its own model: both answer as `fedamole generate`."""
     feddpa = tmp_path / "feddpa"
-    run_simulation(load_config(None, [*TINY, f"output.dir={feddpa}"]), method="feddpa")
+    run_in_process(load_config(None, [*TINY, f"output.dir={feddpa}"]), method="feddpa")
     pool = RunPool(feddpa)
     assert pool.continuous_batch() is None and pool.needs_instruction("client-0")
     rows = [

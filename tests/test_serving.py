@@ -26,7 +26,7 @@ from fedamole.reporting import RunDir
 from fedamole.serving import ClientModel, export_client, load_client_model
 from fedamole.serving.export import ExportError
 from fedamole.serving.personalised import request_examples
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.02", "eval.max_new_tokens=4"]
 CLIENT = 1
@@ -38,7 +38,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method in METHODS:
         out[method] = root / method
-        run_simulation(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
+        run_in_process(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
     return out
 
 

@@ -20,7 +20,7 @@ from fedamole.tracking import (
     make_tracker,
     round_scalars,
 )
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 
 def _round(round_idx: int, offset: float = 0.0) -> list[dict]:
@@ -182,7 +182,7 @@ def test_a_tiny_run_with_tensorboard_logs_its_metrics_jsonl(tmp_path):
         "output.tracker=tensorboard",
         f"output.dir={out}",
     ]
-    run_simulation(load_config(None, settings))
+    run_in_process(load_config(None, settings))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scalars = _scalars(out / TENSORBOARD_DIR)
     for round_idx in (0, 1):

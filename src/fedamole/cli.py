@@ -53,7 +53,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-class Transport(StrEnum):
+class TransportName(StrEnum):
     """How `fedamole run` reaches its clients."""
 
     IN_PROCESS = "in-process"
@@ -75,13 +75,13 @@ def run(
         typer.Option(help="fedamole (default, as rsea.mode says), a variant or a baseline"),
     ] = None,
     transport: Annotated[
-        Transport,
+        TransportName,
         typer.Option(
             help="in-process: one process, clients in sequence on one backbone; "
             "flower-simulation: the Flower apps on Flower's Simulation Engine (Ray), one virtual "
             "SuperNode per client (needs fedamole[simulation])"
         ),
-    ] = Transport.IN_PROCESS,
+    ] = TransportName.IN_PROCESS,
     num_cpus: Annotated[
         float, typer.Option(min=0.01, help="flower-simulation: CPUs Ray reserves per client")
     ] = 1.0,
@@ -101,10 +101,10 @@ def run(
         names = parse_methods(method, "--method") if method else [None]
         if len(names) != 1:
             raise ConfigError(f"--method takes one method, got {method!r} (compare runs several)")
-        if transport is Transport.IN_PROCESS:
-            from fedamole.transports.in_process import run_simulation
+        if transport is TransportName.IN_PROCESS:
+            from fedamole.transports.in_process import run_in_process
 
-            run_simulation(cfg, resume=resume, console=console, method=names[0])
+            run_in_process(cfg, resume=resume, console=console, method=names[0])
             return
         _check_simulation_run(cfg, names[0], resume)
     _run_on_simulation_engine(cfg, config, overrides, names[0], resume, num_cpus, num_gpus)

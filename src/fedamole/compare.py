@@ -42,7 +42,7 @@ from fedamole.files import atomic_write_text  # noqa: E402
 from fedamole.methods import FEDAMOLE_VARIANTS, METHODS  # noqa: E402
 from fedamole.reporting import CONFIG_FILE, SERVER, SUMMARY, RunDir  # noqa: E402
 from fedamole.stats import Estimate, bootstrap_difference, bootstrap_mean  # noqa: E402
-from fedamole.transports.in_process import run_simulation  # noqa: E402
+from fedamole.transports.in_process import run_in_process  # noqa: E402
 from fedamole.transports.setup import checked  # noqa: E402
 
 HEADLINE = "selected"
@@ -133,7 +133,7 @@ def compare(
         for job in pending:
             cfg = load_config(config, [*overrides, f"seed={job.seed}", f"output.dir={job.run_dir}"])
             console.rule(f"{job.method} seed {job.seed}" + (" (resuming)" if job.resume else ""))
-            run_simulation(cfg, resume=job.resume, console=console, method=job.method)
+            run_in_process(cfg, resume=job.resume, console=console, method=job.method)
     result = summarise_comparison(out, methods, seeds)
     write_comparison(out, result)
     console.print(render_table(result))

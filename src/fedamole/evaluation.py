@@ -25,6 +25,7 @@ from fedamole.config import EvalConfig
 from fedamole.data.example import DataError, Example
 from fedamole.data.prompts import Prompter
 from fedamole.data.tokenize import IGNORE_INDEX, collate, encode_example, encode_labelled
+from fedamole.device import model_device
 from fedamole.models import cache_argument, prepends_virtual_tokens
 from fedamole.types import ACCURACY, EXACT_MATCH, NUM_EXAMPLES, ROUGE_L, split_metric
 
@@ -155,10 +156,6 @@ def padding_side(tokenizer: PreTrainedTokenizerBase, side: str) -> Iterator[None
         tokenizer.padding_side = previous
 
 
-def _device(model: PreTrainedModel) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -193,7 +190,7 @@ def generate(
     with eval_mode(model), padding_side(tokenizer, "left"):
         for batch in _batches(examples, batch_size):
             prompts = {"input_ids": [prompter.prompt_ids(example) for example in batch]}
-            encoded = tokenizer.pad(prompts, return_tensors="pt").to(_device(model))
+            encoded = tokenizer.pad(prompts, return_tensors="pt").to(model_device(model))
             generated = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
@@ -261,7 +258,7 @@ def choice_losses(
     with eval_mode(model):
         for batch in _batches(pairs, batch_size):
             tensors = collate(batch, prompter.tokenizer.pad_token_id)
-            tensors = {key: value.to(_device(model)) for key, value in tensors.items()}
+            tensors = {key: value.to(model_device(model)) for key, value in tensors.items()}
             losses.extend(_mean_token_loss(model, tensors).tolist())
     per_example, start = [], 0
     for example in examples:
@@ -282,7 +279,7 @@ def _shared_prompt_losses(
     forward over that cache, repeated per choice. Padding is masked and positions count only
     real tokens, so each row sees exactly its own sequence.
     """
-    device, pad_id = _device(model), prompter.tokenizer.pad_token_id
+    device, pad_id = model_device(model), prompter.tokenizer.pad_token_id
     cache_name = cache_argument(model)
     prompts = [prompter.prompt_ids(example) for example in examples]
     targets = [

@@ -13,7 +13,7 @@ from tiny_run import TINY_RUN
 
 from fedamole.config import load_config
 from fedamole.data.example import DataError
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "federation.local_steps=1", "eval.max_new_tokens=2"]
 TOPICS = ("cooking", "travel")
@@ -46,7 +46,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _run(tmp_path: Path, *settings: str) -> dict:
     cfg = load_config(None, [*TINY, f"output.dir={tmp_path / 'run'}", *settings])
-    return run_simulation(cfg, console=Console(file=io.StringIO()))
+    return run_in_process(cfg, console=Console(file=io.StringIO()))
 
 
 @pytest.mark.parametrize("rows", [_messages_rows, _prompt_completion_rows])

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from fedamole.config import load_config
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 GROUPED = [
     "model.name=tiny-random-llama",
@@ -44,7 +44,7 @@ GROUPED = [
 def _overlap(out: Path, method: str, seed: int) -> tuple[float, float]:
     """(common experts within groups, across groups) of the assignment made after round 0."""
     cfg = load_config(None, [*GROUPED, f"seed={seed}", f"output.dir={out / method}"])
-    run_simulation(cfg, console=Console(file=io.StringIO()), method=method)
+    run_in_process(cfg, console=Console(file=io.StringIO()), method=method)
     lines = (out / method / "metrics.jsonl").read_text().splitlines()
     server = next(r for r in map(json.loads, lines) if r["split"] == "server")
     return server["rsea_common_experts_within_groups"], server["rsea_common_experts_across"]

@@ -19,7 +19,7 @@ from fedamole.data.example import DataError
 from fedamole.federation.participation import participants
 from fedamole.reporting import RunDir, RunDirError
 from fedamole.rsea.solver import InfeasibleAssignmentError
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "federation.num_clients=3", "federation.rounds=2"]
 
@@ -34,7 +34,7 @@ def _metrics_of(summary: dict) -> dict:
 
 def test_two_round_three_client_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
-    summary = run_simulation(tiny_config(out))
+    summary = run_in_process(tiny_config(out))
     assert (out / "config.yaml").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["split"] != "server"]
@@ -64,7 +64,7 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
 @pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_summary(tmp_path):
     extra = ["federation.rounds=3"]
-    reference = run_simulation(tiny_config(tmp_path / "reference", *extra))
+    reference = run_in_process(tiny_config(tmp_path / "reference", *extra))
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedamole.cli", "run", "--out", str(out)]
@@ -86,7 +86,7 @@ def test_killed_run_resumes_to_the_same_summary(tmp_path):
         proc.wait()
     assert not (out / "summary.json").exists()
 
-    resumed = run_simulation(tiny_config(out, *extra), resume=True)
+    resumed = run_in_process(tiny_config(out, *extra), resume=True)
     assert _metrics_of(resumed) == _metrics_of(reference)
 
 
@@ -97,7 +97,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def finished_run(tmp_path):
     out = tmp_path / "done"
-    run_simulation(tiny_config(out, "federation.rounds=1"))
+    run_in_process(tiny_config(out, "federation.rounds=1"))
     return out
 
 
@@ -116,13 +116,13 @@ def finished_run(tmp_path):
 def test_bad_input_fails_early_and_leaves_run_untouched(finished_run, overrides, error, message):
     before = _snapshot(finished_run)
     with pytest.raises(error, match=message):
-        run_simulation(tiny_config(finished_run, "federation.rounds=1", *overrides))
+        run_in_process(tiny_config(finished_run, "federation.rounds=1", *overrides))
     assert _snapshot(finished_run) == before
 
 
 def test_missing_data_file_error_names_file_before_model_loads(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl"):
-        run_simulation(
+        run_in_process(
             tiny_config(tmp_path / "new", "data.source=jsonl", f"data.path={tmp_path}/nope.jsonl")
         )
     assert not (tmp_path / "new").exists()
@@ -131,7 +131,7 @@ def test_missing_data_file_error_names_file_before_model_loads(tmp_path):
 def test_resume_refuses_different_settings(finished_run):
     before = _snapshot(finished_run)
     with pytest.raises(RunDirError, match="federation.local_steps"):
-        run_simulation(
+        run_in_process(
             tiny_config(finished_run, "federation.rounds=1", "federation.local_steps=5"),
             resume=True,
         )
@@ -152,7 +152,7 @@ def _records(out: Path) -> list[dict]:
 def test_sampled_participation_trains_and_assigns_only_the_sampled_clients(tmp_path):
     extra = ["federation.num_clients=4", "federation.clients_per_round=2", "federation.rounds=3"]
     out = tmp_path / "sampled"
-    summary = run_simulation(tiny_config(out, *extra))
+    summary = run_in_process(tiny_config(out, *extra))
     cfg = tiny_config(out, *extra)
     for rnd in range(3):
         sampled = participants(cfg, rnd)
@@ -168,7 +168,7 @@ def test_sampled_participation_trains_and_assigns_only_the_sampled_clients(tmp_p
 
 def test_resumed_sampled_run_replays_the_same_samples(tmp_path):
     extra = ["federation.num_clients=4", "federation.clients_per_round=0.5", "federation.rounds=3"]
-    reference = run_simulation(tiny_config(tmp_path / "reference", *extra))
+    reference = run_in_process(tiny_config(tmp_path / "reference", *extra))
     out = tmp_path / "killed"
     save = RunDir.save_checkpoint
 
@@ -180,8 +180,8 @@ def test_resumed_sampled_run_replays_the_same_samples(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RunDir, "save_checkpoint", killed)
         with pytest.raises(KeyboardInterrupt):
-            run_simulation(tiny_config(out, *extra))
-    resumed = run_simulation(tiny_config(out, *extra), resume=True)
+            run_in_process(tiny_config(out, *extra))
+    resumed = run_in_process(tiny_config(out, *extra), resume=True)
     assert _metrics_of(resumed) == _metrics_of(reference)
     for rnd in range(3):
         name = f"round_{rnd:03d}.json"
@@ -194,7 +194,7 @@ def test_the_base_model_is_scored_beside_the_personalised_one(tmp_path):
     """With a learning rate too small to move the adapter, the personalised model is the base
     model: its scores must equal the base model's, client by client."""
     still = ["eval.base_model=true", "optim.lr=1e-12", "federation.rounds=1"]
-    summary = run_simulation(tiny_config(tmp_path / "still", *still), method="fedit-ft")
+    summary = run_in_process(tiny_config(tmp_path / "still", *still), method="fedit-ft")
     metric = summary["metric"]
     base = summary["base_model"]
     assert set(base) == set(summary["per_client"]) == {"0", "1", "2"}
@@ -203,6 +203,6 @@ def test_the_base_model_is_scored_beside_the_personalised_one(tmp_path):
         assert base[cid]["num_examples"] == values["selected"]["num_examples"]
     saved = json.loads((tmp_path / "still" / "summary.json").read_text())
     assert saved["base_model"] == base
-    assert "base_model" not in run_simulation(
+    assert "base_model" not in run_in_process(
         tiny_config(tmp_path / "plain", "federation.rounds=1")
     )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedamole.device import model_device
 from fedamole.hmole.keys import expert_key, router_key, shared_key, state_keys
 from fedamole.hmole.layer import EmbeddingSums, HMoLELinear, RoutingContext, lora_uniform_
 from fedamole.types import Architecture, StateDict
@@ -142,7 +143,7 @@ class HMoLEAdapter:
     def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
         """Forward passes in which row i of the batch uses the adapter kept under ``keys[i]``
         (each row its own experts, router and top-k); yields no extra generate arguments."""
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         self.context.row_groups = [
             (key, torch.tensor([i for i, k in enumerate(keys) if k == key], device=device))
             for key in dict.fromkeys(keys)

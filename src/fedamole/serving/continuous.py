@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from fedamole.data.prompts import Prompter
+from fedamole.device import model_device
 from fedamole.models import cache_argument
 from fedamole.serving.decoding import DecodeResult, DecodeRow, RowDecoder, Sampling
 
@@ -47,7 +48,7 @@ class ContinuousBatch:
 
     def __init__(self, model: nn.Module, prompter: Prompter, rows: RowsContext) -> None:
         self.model, self.prompter, self.rows = model, prompter, rows
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.cache_argument = cache_argument(model)
         self.slots: list[Slot] = []
         self.cache: DynamicCache | None = None

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fedamole.data.example import Example
 from fedamole.data.prompts import Prompter
+from fedamole.device import model_device
 from fedamole.evaluation import eval_mode, padding_side
 
 FinishReason = Literal["stop", "length"]
@@ -175,7 +176,7 @@ def decode_batch(
     with eval_mode(model), padding_side(tokenizer, "left"):
         encoded = tokenizer.pad(
             {"input_ids": [row.prompt_ids for row in rows]}, return_tensors="pt"
-        ).to(next(model.parameters()).device)
+        ).to(model_device(model))
         model.generate(
             **encoded,
             max_new_tokens=max(row.max_new_tokens for row in rows),

@@ -127,7 +127,7 @@ def _progress(console: Console) -> Iterator[Progress]:
         yield progress
 
 
-def run_simulation(
+def run_in_process(
     cfg: Config,
     resume: bool = False,
     console: Console | None = None,

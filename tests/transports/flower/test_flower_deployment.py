@@ -11,7 +11,7 @@ from same_run import assert_same_run, records_of, wait_for
 
 from fedamole.config import load_config
 from fedamole.hmole.keys import state_keys
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
 
@@ -35,7 +35,7 @@ def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, t
     assert "dropped" not in log and "their evaluate messages" in log
 
     reference = tmp_path / "in-process"
-    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]), method="fedit")
+    run_in_process(load_config(tiny_yaml, [f"output.dir={reference}"]), method="fedit")
     assert_same_run(out, reference, rounds=2, clients=3)
 
 
@@ -66,7 +66,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
     assert "resuming" in log and "at round 1" in log
 
     reference = tmp_path / "in-process"
-    run_simulation(load_config(tiny_yaml, [f"output.dir={reference}"]))
+    run_in_process(load_config(tiny_yaml, [f"output.dir={reference}"]))
     assert_same_run(out, reference, rounds=2, clients=3)
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from fedamole.cli import app
 from fedamole.config import load_config
 from fedamole.transports.flower import simulation
-from fedamole.transports.in_process import run_simulation
+from fedamole.transports.in_process import run_in_process
 
 pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
 
@@ -117,7 +117,7 @@ def _reference(config: Path, out: Path, *overrides: str, method: str | None = No
     cfg = load_config(
         config, [f"output.dir={out}", f"federation.num_clients={CLIENTS}", *overrides]
     )
-    run_simulation(cfg, method=method)
+    run_in_process(cfg, method=method)
     return out
 
 
