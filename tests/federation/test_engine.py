@@ -65,6 +65,9 @@ class ScriptedTransport:
     def client_states(self) -> dict[int, StateDict]:
         return {c: runtime.private for c, runtime in self.clients.items()}
 
+    def base_scores(self) -> dict[int, dict[str, float]]:
+        return {}
+
     def restore_client_states(self, states: dict[int, StateDict]) -> None:
         for c, state in states.items():
             self.clients[c].private = state

@@ -74,6 +74,11 @@ class Transport(Protocol):
         them on their own machines)."""
         ...
 
+    def base_scores(self) -> dict[int, Metrics]:
+        """The frozen base model's test metrics per client, scored where each client's data
+        are (asked once per run when ``eval.base_model`` is set)."""
+        ...
+
     def restore_client_states(self, states: dict[int, StateDict]) -> None: ...
 
 
@@ -89,9 +94,6 @@ class Engine:
     transport: Transport
     run_dir: RunDir
     console: Console = field(default_factory=Console)
-    # The frozen base model's test metrics per client (``eval.base_model``), shown beside the
-    # personalised ones in the summary; {} when not measured.
-    base_scores: dict[int, Metrics] = field(default_factory=dict)
 
     def run(self, initial_state: StateFactory, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round; returns the summary written to summary.json. The run
@@ -108,6 +110,8 @@ class Engine:
             self.cfg, f"{self.method.name}:{self.run_dir.path.name}", state.round or None
         )
         self.transport.connect()
+        # the frozen base model's test metrics, shown beside the personalised ones
+        base_scores = self.transport.base_scores() if self.cfg.eval.base_model else {}
 
         def elapsed() -> float:
             return previous_time + time.perf_counter() - started
@@ -118,8 +122,8 @@ class Engine:
             self.run_dir.save_checkpoint(checkpoint)
         records = self.run_dir.read_records()  # each round appended its own; none kept here
         summary = {"method": self.method.name, **summarise(records, elapsed())}
-        if self.base_scores:
-            summary["base_model"] = {str(c): m for c, m in sorted(self.base_scores.items())}
+        if base_scores:
+            summary["base_model"] = {str(c): m for c, m in sorted(base_scores.items())}
         self.run_dir.write_summary(summary)
         self.run_dir.finish_tracking()
         self.run_dir.write_plots(records, self.run_dir.latest_architectures())

@@ -17,16 +17,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from torch import nn
 
 from fedamole.config import Config
-from fedamole.data.pipeline import TaskSplits
-from fedamole.data.prompts import Prompter, build_prompter
-from fedamole.device import autocast, model_device
-from fedamole.evaluation import SplitScores, evaluate_examples, split_metrics
-from fedamole.federation.client import evaluate_job, train_job
+from fedamole.federation.client import base_model_scores, evaluate_job, train_job
 from fedamole.federation.engine import Engine
-from fedamole.federation.method import ClientRuntime, FederatedMethod, build_base_model
+from fedamole.federation.method import ClientRuntime, FederatedMethod
 from fedamole.transports.setup import build_clients, open_run
 from fedamole.types import (
     ClientEvaluation,
@@ -34,7 +29,6 @@ from fedamole.types import (
     ClientUpdate,
     Metrics,
     StateDict,
-    of_split,
 )
 
 
@@ -42,9 +36,14 @@ class InProcessTransport:
     """Every client lives in this process, on the one shared model handle."""
 
     def __init__(
-        self, method: FederatedMethod, clients: list[ClientRuntime], progress: Progress
+        self,
+        method: FederatedMethod,
+        clients: list[ClientRuntime],
+        progress: Progress,
+        base_scores: dict[int, Metrics],
     ) -> None:
         self.method = method
+        self._base_scores = base_scores
         self.clients = {runtime.data.client_id: runtime for runtime in clients}
         self.progress = progress
         self.rounds: TaskID = progress.add_task(
@@ -54,6 +53,11 @@ class InProcessTransport:
 
     def connect(self) -> None:
         """Nothing to wait for."""
+
+    def base_scores(self) -> dict[int, Metrics]:
+        """Scored before the clients' model was built (:func:`run_in_process`), so that the two
+        backbones are never in memory at once."""
+        return self._base_scores
 
     def train(self, round_idx: int, payloads: dict[int, ClientPayload]) -> dict[int, ClientUpdate]:
         self.progress.update(self.rounds, completed=round_idx)
@@ -88,32 +92,6 @@ class InProcessTransport:
                 runtime.private = states[c]
 
 
-def base_model_scores(cfg: Config, splits: list[TaskSplits]) -> dict[int, Metrics]:
-    """The frozen base model (no adapter) on every client's test split, in the run's prompt
-    format: the reference a personalised model must beat. Built and freed before the run's
-    model, so peak memory does not grow."""
-    model, tokenizer = build_base_model(cfg)
-    prompter = build_prompter(tokenizer, cfg.data.prompt_format)
-    with autocast(model_device(model), cfg.optim.mixed_precision):
-        return {
-            c: of_split(split_metrics({"test": _test_scores(model, prompter, cfg, task)}), "test")
-            for c, task in enumerate(splits)
-        }
-
-
-def _test_scores(
-    model: nn.Module, prompter: Prompter, cfg: Config, task: TaskSplits
-) -> SplitScores:
-    return evaluate_examples(
-        model,
-        prompter,
-        task.splits.test,
-        cfg.eval,
-        cfg.model.max_length,
-        classification=task.classification,
-    )
-
-
 @contextmanager
 def _progress(console: Console) -> Iterator[Progress]:
     with Progress(
@@ -138,10 +116,11 @@ def run_in_process(
     (device, settings, run directory, data) runs before the model loads."""
     console = console or Console()
     setup = open_run(cfg, method, resume, with_data=True)
-    base = base_model_scores(setup.cfg, setup.splits or []) if setup.cfg.eval.base_model else {}
+    splits = dict(enumerate(setup.splits or []))
+    base = base_model_scores(setup.cfg, splits) if setup.cfg.eval.base_model else {}
     handle, clients = build_clients(setup)
     cfg, method = setup.cfg, setup.method
     with _progress(console) as progress:
-        transport = InProcessTransport(method, clients, progress)
-        engine = Engine(cfg, method, transport, setup.run_dir, progress.console, base)
+        transport = InProcessTransport(method, clients, progress, base)
+        engine = Engine(cfg, method, transport, setup.run_dir, progress.console)
         return engine.run(lambda first: method.init_state(cfg, handle, first), resume)

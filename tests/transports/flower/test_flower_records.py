@@ -12,6 +12,8 @@ from fedamole.config import load_config
 from fedamole.hmole.keys import state_keys
 from fedamole.transports.flower.records import (
     RunInfo,
+    asks_for_base_scores,
+    base_scores_request,
     evaluation_from_record,
     evaluation_to_record,
     identity_from_record,
@@ -128,3 +130,18 @@ def test_run_and_identity_cross_unchanged():
     content = payload_to_record(ClientPayload(0, {}, {}, 1.0), run)
     assert run_from_record(_over_the_wire(content)) == run
     assert identity_from_record(_over_the_wire(identity_to_record(2, 3))) == (2, 3)
+
+
+def test_where_a_node_keeps_a_model_it_does_not_send_crosses():
+    """The folder a node reports for a private personalised model reaches the server."""
+    update = ClientUpdate(2, {}, 5, metrics={"train_loss": 1.0}, kept_at="/srv/node/run/client2")
+    assert update_from_record(_over_the_wire(update_to_record(update))).kept_at == update.kept_at
+    evaluation = ClientEvaluation(2, {"test_accuracy": 0.5}, kept_at="/srv/node/run/client2")
+    got = evaluation_from_record(_over_the_wire(evaluation_to_record(evaluation)))
+    assert got == evaluation
+
+
+def test_a_base_scores_query_carries_the_run_and_an_identity_query_does_not():
+    request = _over_the_wire(base_scores_request(RUN))
+    assert asks_for_base_scores(request) and run_from_record(request) == RUN
+    assert not asks_for_base_scores(_over_the_wire(RecordDict()))

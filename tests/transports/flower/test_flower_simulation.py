@@ -4,6 +4,7 @@ flower-simulation`: the same run as in-process, also after the simulation was ki
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from same_run import assert_same_run, wait_for
 from typer.testing import CliRunner
 
@@ -122,12 +124,19 @@ def _reference(config: Path, out: Path, *overrides: str, method: str | None = No
 
 
 def test_simulated_fedit_equals_the_in_process_run(tiny_yaml, tmp_path):
-    """FedIT (a train then an evaluate message per client and round), 4 virtual SuperNodes."""
+    """FedIT (a train then an evaluate message per client and round), 4 virtual SuperNodes;
+    the base model is scored on each virtual node's own test split (eval.base_model)."""
+    settings = yaml.safe_load(tiny_yaml.read_text())
+    settings["eval"]["base_model"] = True
+    tiny_yaml.write_text(yaml.safe_dump(settings))
     out = tmp_path / "simulation"
     log = _simulate(tiny_yaml, out, "--method", "fedit")
     assert "is client 3" in log and "dropped" not in log
     reference = _reference(tiny_yaml, tmp_path / "in-process", method="fedit")
     assert_same_run(out, reference, rounds=2, clients=CLIENTS)
+    simulated, in_process = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    assert set(simulated["base_model"]) == {str(c) for c in range(CLIENTS)}
+    assert simulated["base_model"] == in_process["base_model"]
 
 
 def test_a_killed_parent_takes_the_simulation_down_and_resumes_to_the_in_process_run(

@@ -14,15 +14,20 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedamole.transports.flower.node_config import NUM_PARTITIONS, PARTITION_ID
-from fedamole.transports.flower.records import identity_to_record
+from fedamole.transports.flower.records import asks_for_base_scores, identity_to_record
 
 app = ClientApp()
 
 
 @app.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is, so it can send the right payload."""
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node is, so it can send the right payload; or, asked
+    with the run (``eval.base_model``), score the frozen base model on this client's test split."""
     node = context.node_config
+    if asks_for_base_scores(msg.content):
+        from fedamole.transports.flower.node import base_scores_reply
+
+        return Message(base_scores_reply(msg.content, node), reply_to=msg)
     return Message(
         identity_to_record(int(node[PARTITION_ID]), int(node[NUM_PARTITIONS])), reply_to=msg
     )

@@ -28,7 +28,7 @@ from fedamole.data.pipeline import (
 )
 from fedamole.data.sources import load_source
 from fedamole.data.splits import split_client
-from fedamole.federation.client import evaluate_job, train_job
+from fedamole.federation.client import base_model_scores, evaluate_job, train_job
 from fedamole.federation.method import ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.files import atomic_save_tensors, atomic_write_text
 from fedamole.methods import get_method
@@ -49,7 +49,7 @@ from fedamole.transports.flower.records import (
     update_to_record,
 )
 from fedamole.transports.setup import client_runtime
-from fedamole.types import ClientPayload, StateDict
+from fedamole.types import ClientEvaluation, ClientPayload, StateDict
 
 
 def train_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
@@ -61,6 +61,13 @@ def train_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
     node.save_private(payload.round + 1, runtime.private)
     update.personal_model, update.kept_at = node.keep_personal_model(payload, update.personal_model)
     return update_to_record(update)
+
+
+def base_scores_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
+    """The frozen base model on this client's test split, as an evaluation."""
+    node = Node.for_message(content, node_config)
+    scores = base_model_scores(node.cfg, {node.client_id: node.splits()})
+    return evaluation_to_record(ClientEvaluation(node.client_id, scores[node.client_id]))
 
 
 def evaluate_reply(content: RecordDict, node_config: UserConfig) -> RecordDict:
@@ -101,16 +108,19 @@ class Node:
         Deployment starts one process per message, so this is rebuilt each time; simulated
         clients of one worker share the model, as in-process ones do."""
         handle, tokenizer = _model(self.run.method, self.cfg.to_yaml())
-        splits = (
-            local_splits(self.cfg, self.data_path, self.client_id)
-            if self.data_path
-            else _splits(self.cfg.to_yaml())[self.client_id]
+        runtime = client_runtime(
+            self.method, handle, tokenizer, self.cfg, self.client_id, self.splits()
         )
-        runtime = client_runtime(self.method, handle, tokenizer, self.cfg, self.client_id, splits)
         saved = self._latest_private(round_idx)
         if saved is not None:
             runtime.private = load_file(str(saved))
         return runtime
+
+    def splits(self) -> TaskSplits:
+        """This client's data: the organisation's own file, else its partition of the source."""
+        if self.data_path:
+            return local_splits(self.cfg, self.data_path, self.client_id)
+        return _splits(self.cfg.to_yaml())[self.client_id]
 
     def _latest_private(self, round_idx: int) -> Path | None:
         files = sorted(self.folder.glob("private_round_*.safetensors"))

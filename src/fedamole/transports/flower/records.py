@@ -86,10 +86,24 @@ def payload_to_record(payload: ClientPayload, run: RunInfo) -> RecordDict:
             WEIGHTS: _arrays(payload.weights),
             ARCHITECTURE: ConfigRecord(dict(payload.architecture)),
             ROUND: ConfigRecord({"round": payload.round, "lr": payload.lr}),
-            RUN: ConfigRecord(
-                {"config": run.config.to_yaml(), "method": run.method, "run-id": run.run_id}
-            ),
+            RUN: _run_record(run),
         }
+    )
+
+
+def base_scores_request(run: RunInfo) -> RecordDict:
+    """Server -> client: score the frozen base model on your test split (``eval.base_model``);
+    a query that carries the run, where the identity query carries nothing."""
+    return RecordDict({RUN: _run_record(run)})
+
+
+def asks_for_base_scores(content: RecordDict) -> bool:
+    return RUN in content.config_records
+
+
+def _run_record(run: RunInfo) -> ConfigRecord:
+    return ConfigRecord(
+        {"config": run.config.to_yaml(), "method": run.method, "run-id": run.run_id}
     )
 
 

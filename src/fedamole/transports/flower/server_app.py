@@ -31,6 +31,7 @@ from fedamole.federation.engine import Engine
 from fedamole.reporting import RunDir
 from fedamole.transports.flower.records import (
     RunInfo,
+    base_scores_request,
     evaluation_from_record,
     identity_from_record,
     payload_to_record,
@@ -38,7 +39,14 @@ from fedamole.transports.flower.records import (
 )
 from fedamole.transports.flower.settings import FlowerSettings, NodeRoster, load_settings
 from fedamole.transports.setup import open_run
-from fedamole.types import ClientEvaluation, ClientPayload, ClientUpdate, ServerState, StateDict
+from fedamole.types import (
+    ClientEvaluation,
+    ClientPayload,
+    ClientUpdate,
+    Metrics,
+    ServerState,
+    StateDict,
+)
 
 log = logging.getLogger("fedamole.flower")
 
@@ -219,6 +227,25 @@ class FlowerTransport:
         self, round_idx: int, payloads: dict[int, ClientPayload]
     ) -> dict[int, ClientEvaluation]:
         return self._exchange(MessageType.EVALUATE, round_idx, payloads, evaluation_from_record)
+
+    def base_scores(self) -> dict[int, Metrics]:
+        """Each online client scores the frozen base model on its own test split (a query that
+        carries the run); a node that does not answer in ``reply-timeout`` is left out."""
+        self.roster.refresh(self.grid)
+        nodes = self.roster.online(self.grid)
+        timeout = self.settings.reply_timeout
+        request = base_scores_request(RunInfo(self.cfg, self.method, self.run_dir.run_id))
+        queries = {
+            c: Message(request, dst_node_id=node, message_type=MessageType.QUERY, ttl=timeout)
+            for c, node in sorted(nodes.items())
+        }
+        scores = {}
+        for c, reply in _replies_by_request(self.grid, queries, timeout):
+            if reply.has_error():
+                log.warning("client %d: no base-model scores (%s)", c, reply.error.reason)
+                continue
+            scores[c] = evaluation_from_record(reply.content).metrics
+        return dict(sorted(scores.items()))
 
     def client_states(self) -> dict[int, StateDict]:
         """Nothing: each node keeps its own private tensors on its own disk."""
