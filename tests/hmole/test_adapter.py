@@ -122,3 +122,6 @@ def test_one_batch_serves_each_row_with_its_own_clients_experts(tiny_model):
     assert adapter.context.row_groups is None  # the per-row mode ends with the block
     for row, (key, prompt) in enumerate(zip(keys, prompts, strict=True)):
         torch.testing.assert_close(mixed[row], alone[key, prompt], atol=1e-4, rtol=1e-4)
+    model.train()
+    with pytest.raises(RuntimeError, match="inference only"), adapter.rows(keys) as extra:
+        model(**batch, **extra)

@@ -273,6 +273,11 @@ class HMoLELinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if self.context.row_groups is not None:
+            if self.training:  # as PEFT refuses per-row adapters in training
+                raise RuntimeError(
+                    f"{self.name}: per-row adapters (rows of different clients in one batch) "
+                    "are for inference only; call model.eval() first"
+                )
             return self._forward_rows(x, self.context.row_groups)
         if not self.expert_ids:
             raise RuntimeError(f"{self.name}: no local experts; call set_architecture first")
