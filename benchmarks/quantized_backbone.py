@@ -1,6 +1,6 @@
 """Memory and speed of the frozen backbone at fp32 / bf16 / int8 / nf4 (issue 30): for each, the
-backbone's stored bytes, the peak resident memory of a process that loads it and trains
-FedAMoLE on it, and the median time of a training step (forward + backward + Adam on the
+backbone's stored bytes, the process's resident memory once it is loaded, the peak resident
+memory while it trains FedAMoLE on it (peak reset after loading), and the median time of a training step (forward + backward + Adam on the
 HMoLE adapters). Each arm runs in its own process, so peaks do not mix.
 
     python benchmarks/quantized_backbone.py [--model smollm2-135m] [--batch 4] [--seq 128]
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,19 @@ def stored_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def rss_mib() -> float:
+def status_mib(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM its peak)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak() -> None:
+    """Start VmHWM afresh (Linux: 5 > /proc/self/clear_refs), so the peak is the steps' own."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def run_arm(model_name: str, overrides: list[str], batch: int, seq: int, steps: int) -> dict:
@@ -61,12 +67,12 @@ def run_arm(model_name: str, overrides: list[str], batch: int, seq: int, steps: 
     from fedamole.methods.fedamole import FedAMoLE
 
     cfg = load_config(None, [f"model.name={model_name}", "model.device=cpu", *overrides])
-    started = rss_mib()
+    started = status_mib()
     handle, tokenizer = FedAMoLE().build(cfg)
     backbone = sum(stored_bytes(p) for p in handle.model.parameters() if not p.requires_grad)
     backbone += sum(stored_bytes(b) for b in handle.model.buffers())
     handle.set_architecture({m: [0, 1, 2] for m in handle.modules})
-    loaded = rss_mib()
+    loaded = status_mib()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, tokenizer.vocab_size - 1, (batch, seq), generator=generator)
     labels = ids.clone()
@@ -78,12 +84,13 @@ def run_arm(model_name: str, overrides: list[str], batch: int, seq: int, steps: 
             yield batch_dict
 
     times = []
+    reset_peak()
     for step in range(steps + 1):  # the first step warms up
         began = time.perf_counter()
         train_steps(handle.model, handle.trainable_parameters(), batches(), 1, 1e-4, cfg.optim)
         if step:
             times.append(time.perf_counter() - began)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     return {
         "backbone_mib": backbone / 2**20,
         "rss_before_mib": started,
@@ -113,7 +120,9 @@ def main() -> None:
         f"{args.seq} tokens, median of {args.steps} steps after one warm-up; torch "
         f"{torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
     )
-    print("| backbone | stored bytes MiB | vs fp32 | RSS after load MiB | peak RSS MiB | step s |")
+    print(
+        "| backbone | stored bytes MiB | vs fp32 | RSS after load MiB | peak RSS in steps MiB | step s |"
+    )
     print("|---|---|---|---|---|---|")
     fp32 = None
     for arm in args.arms.split(","):

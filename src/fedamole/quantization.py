@@ -11,6 +11,9 @@ code runs on CPU and CUDA: each layer is quantised on the device it lives on.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import logging
 from typing import Literal
@@ -66,8 +69,17 @@ def quantize_backbone(model: nn.Module, quantization: Quantization) -> int:
         chosen = set(names)
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _module, fqn: fqn in chosen)
     model.requires_grad_(False)
+    _release_freed_memory()
     log.info("backbone: %d linear layers quantised to %s", len(names), quantization)
     return len(names)
+
+
+def _release_freed_memory() -> None:
+    """Hand the float weights' freed pages back to the OS: glibc keeps freed heap memory
+    resident, so without this a quantised backbone's process stays as large as a float one's."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _nf4(linear: nn.Linear) -> nn.Module:
