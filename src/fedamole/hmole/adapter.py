@@ -216,7 +216,7 @@ def inject_hmole(
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         layer = HMoLELinear(base, name, context, rank, alpha, dropout, top_k)
-        layer.to(device=base.weight.device)
+        layer.to(device=base.weight.device).train(model.training)  # the model's mode, not nn's
         setattr(parent, child, layer)
         layers[name] = layer
     model.register_forward_pre_hook(_capture_token_mask(context), with_kwargs=True)
