@@ -268,15 +268,19 @@ def test_unknown_client_and_unfinished_run_are_named(runs, tmp_path):
 
 
 def test_a_model_kept_on_a_flower_node_says_where_it_is(runs, tmp_path):
-    # What a Flower run of FedDPA leaves: the model's JSON, no weights (they stay on the node).
+    # What a Flower run of FedDPA leaves: the model's JSON with the folder the node reported,
+    # and no weights (they stay on the node).
     run = copy_run(runs, "feddpa", tmp_path)
-    (run / "clients" / "1" / "adapter.safetensors").unlink()
-    run_id = json.loads((run / "method.json").read_text())["run_id"]
+    client = run / "clients" / "1"
+    (client / "adapter.safetensors").unlink()
+    doc = json.loads((client / "adapter.json").read_text())
+    kept_at = "/srv/org1/nodes/r1/client1/model"
+    (client / "adapter.json").write_text(json.dumps(doc | {"kept_at": kept_at}))
     result = invoke("export", "--run", run, "--client", 1, "--out", tmp_path / "x")
     assert result.exit_code == 2
     message = flat(result.output)
     assert "client 1 of run" in message and "Flower node" in message
-    assert f"{run_id}/client1/model/" in message
+    assert f"{kept_at}/ on that node" in message
     assert not (tmp_path / "x").exists()
 
 

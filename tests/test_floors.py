@@ -1,45 +1,43 @@
-"""The floors hold: each layer, imported alone in a fresh interpreter, loads nothing above it."""
+"""The floors hold: importing a layer, in a fresh interpreter, loads nothing above it.
+
+The layers are imported from the bottom up in one interpreter: a lower layer that loaded a
+higher one would be caught at its own step, so each step sees only what its own layer (and
+those below it) imported. `fedamole.serving` must not load Flower (tests/test_serving.py's
+models load without it)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
-import pytest
+# bottom up: each layer with the packages it must not have loaded once all its modules are in
+FLOORS = [
+    ("fedamole.federation", ["fedamole.methods", "fedamole.transports", "fedamole.serving"]),
+    ("fedamole.methods", ["fedamole.transports", "fedamole.serving", "fedamole.compare"]),
+    ("fedamole.serving", ["fedamole.transports", "flwr"]),
+    ("fedamole", ["fedamole.cli"]),  # every module but the CLI itself
+]
 
-# layer -> packages it must never load (a higher floor)
-FORBIDDEN = {
-    "fedamole.federation": ["fedamole.methods", "fedamole.transports", "fedamole.serving"],
-    "fedamole.methods": ["fedamole.transports", "fedamole.serving"],
-    "fedamole.serving": ["fedamole.transports", "flwr"],
-}
-EVERYTHING_BUT_CLI = "fedamole"
-
-
-def _loaded_after_importing(layer: str) -> set[str]:
-    """Every module of ``layer`` imported in a fresh interpreter; the fedamole/flwr modules then
-    loaded."""
-    script = f"""
-import importlib, pkgutil, sys
-import {layer} as layer
-for info in pkgutil.walk_packages(layer.__path__, "{layer}."):
-    if info.name not in ("fedamole.cli", "fedamole.__main__"):
-        importlib.import_module(info.name)
-print("\\n".join(sorted(m for m in sys.modules if m.startswith(("fedamole", "flwr")))))
+SCRIPT = """
+import importlib, json, pkgutil, sys
+found = {}
+for layer, forbidden in json.loads(sys.argv[1]):
+    package = importlib.import_module(layer)
+    for info in pkgutil.walk_packages(package.__path__, layer + "."):
+        if info.name not in ("fedamole.cli", "fedamole.__main__"):
+            importlib.import_module(info.name)
+    found[layer] = sorted(
+        m for m in sys.modules for f in forbidden if m == f or m.startswith(f + ".")
+    )
+print(json.dumps(found))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+def test_each_layer_imports_nothing_above_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(FLOORS)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
-    return set(done.stdout.split())
-
-
-@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
-def test_a_layer_imports_nothing_above_it(layer: str) -> None:
-    loaded = _loaded_after_importing(layer)
-    for higher in FORBIDDEN[layer]:
-        above = sorted(m for m in loaded if m == higher or m.startswith(higher + "."))
-        assert not above, f"importing {layer} loads {above}"
-
-
-def test_no_module_but_the_cli_imports_the_cli() -> None:
-    loaded = _loaded_after_importing(EVERYTHING_BUT_CLI)
-    assert "fedamole.cli" not in loaded
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {layer: [] for layer, _ in FLOORS}, found

@@ -11,8 +11,15 @@ both give a :class:`fedamole.serving.ClientModel` (``.model``, ``.tokenizer``,
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import TYPE_CHECKING
+
+# transformers imports torchao whenever it is installed (the `quant` extra); torchao then logs a
+# warning for each of its CUDA-only kernels that cannot load on a CPU machine, and torch one per
+# enum torchao registers. Neither concerns a run, so every fedamole process starts without them.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from fedamole.serving.export import load_pretrained
