@@ -98,6 +98,7 @@ else
 fi
 
 methods=fedamole,fedamole-r,fedit-ft,local seeds=42,43
+[[ $SMOKE == 1 ]] && seeds=42  # the pipeline once per method: the smoke checks plumbing, not spread
 stage overhead "$OVERHEAD_TIMEOUT" "$PY" benchmarks/hmole_overhead.py "${overhead_args[@]}" \
   --json "$OUT/hmole_overhead.json"
 stage compare "$COMPARE_TIMEOUT" "$PY" -m fedamole.cli compare --config configs/gpu_suite.yaml \
