@@ -16,37 +16,13 @@ from fedamole.transports.in_process import run_in_process
 pytestmark = pytest.mark.e2e  # starts real processes (see pyproject markers)
 
 
-def test_flower_runs_a_baseline_like_the_in_process_run(deployment, tiny_yaml, tmp_path):
-    """FedIT: the aggregated model is evaluated on every node with an EVALUATE message (one
-    round: every message kind and the last round's saved models; the resume test runs two)."""
-    deployment.start_superlink()
-    for client in range(3):
-        deployment.start_supernode(client, 3)
-    out = tmp_path / "flower-run"
-    deployment.start_run(
-        {
-            "config-file": str(tiny_yaml),
-            "self-declared-partitions": True,  # insecure local try-out: no roster
-            "output.dir": str(out),
-            "method": "fedit",
-            "federation.rounds": 1,
-            "reply-timeout": 240.0,
-        }
-    )
-    log = deployment.finish_run(timeout=400)
-    assert "dropped" not in log and "their evaluate messages" in log
-
-    reference = tmp_path / "in-process"
-    cfg = load_config(tiny_yaml, [f"output.dir={reference}", "federation.rounds=1"])
-    run_in_process(cfg, method="fedit")
-    assert_same_run(out, reference, rounds=1, clients=3)
-
-
 def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
     deployment, tiny_yaml, tmp_path
 ):
-    """FedAMoLE for 2 rounds; the ServerApp is killed once round 0's checkpoint is written and
-    the run is resumed from it (resume=true): the outcome is the uninterrupted in-process run's."""
+    """FedIT for 2 rounds (a train and an evaluate message per client and round); the ServerApp
+    is killed once round 0's checkpoint is written and the run is resumed from it
+    (resume=true): the outcome is the uninterrupted in-process run's. FedAMoLE runs over the
+    deployment in the next test and in the TLS test."""
     deployment.start_superlink()
     for client in range(3):
         deployment.start_supernode(client, 3)
@@ -55,6 +31,7 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
         "config-file": str(tiny_yaml),
         "self-declared-partitions": True,
         "output.dir": str(out),
+        "method": "fedit",
         "reply-timeout": 240.0,
     }
     deployment.start_run(run_config)
@@ -67,9 +44,10 @@ def test_flower_run_resumed_after_a_server_crash_equals_the_in_process_run(
     deployment.start_run(run_config | {"resume": True})
     log = deployment.finish_run(timeout=400)
     assert "resuming" in log and "at round 1" in log
+    assert "dropped" not in log and "their evaluate messages" in log
 
     reference = tmp_path / "in-process"
-    run_in_process(load_config(tiny_yaml, [f"output.dir={reference}"]))
+    run_in_process(load_config(tiny_yaml, [f"output.dir={reference}"]), method="fedit")
     assert_same_run(out, reference, rounds=2, clients=3)
 
 
