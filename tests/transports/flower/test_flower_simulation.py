@@ -162,7 +162,7 @@ def test_a_killed_parent_takes_the_simulation_down_and_resumes_to_the_in_process
         os.kill(proc.pid, signal.SIGKILL)  # the parent only: its children are on their own
         proc.wait(timeout=30)
         family.stop()
-        wait_for(lambda: not family.alive(), "the simulation and Ray to end", timeout=15)
+        wait_for(lambda: not family.alive(), "the simulation and Ray to end", timeout=30)
     finally:
         for pid in family.alive():
             with contextlib.suppress(ProcessLookupError):

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _split(item: str) -> tuple[str, str]:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+RAY_SHUTDOWN_S = 5.0  # then the group is killed whatever Ray's shutdown is doing
 GRACE_S = 10.0  # how long a SIGTERMed simulation may take to shut Ray down
 
 
@@ -135,13 +137,20 @@ def _die_with(parent: int) -> None:
 
 
 def _take_ray_down() -> None:
-    """Ray's driver-side shutdown, then every other process of this group (agents included)."""
+    """Ray's driver-side shutdown, given at most ``RAY_SHUTDOWN_S`` (it can stall on a loaded
+    machine), then every other process of this group (agents included)."""
+    shutdown = threading.Thread(target=_ray_shutdown, daemon=True)
+    shutdown.start()
+    shutdown.join(RAY_SHUTDOWN_S)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _signal_group(os.getpgrp(), signal.SIGKILL)
+
+
+def _ray_shutdown() -> None:
     with contextlib.suppress(Exception):
         import ray
 
         ray.shutdown()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _signal_group(os.getpgrp(), signal.SIGKILL)
 
 
 def _child_env(spec: SimulationSpec) -> dict[str, str]:
