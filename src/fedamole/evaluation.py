@@ -260,11 +260,16 @@ def choice_losses(
             tensors = collate(batch, prompter.tokenizer.pad_token_id)
             tensors = {key: value.to(model_device(model)) for key, value in tensors.items()}
             losses.extend(_mean_token_loss(model, tensors).tolist())
-    per_example, start = [], 0
+    return _by_example(losses, examples)
+
+
+def _by_example(losses: list[float], examples: Sequence[Example]) -> list[list[float]]:
+    """Losses listed choice by choice, example by example, split into one row per example."""
+    rows, start = [], 0
     for example in examples:
-        per_example.append(losses[start : start + len(example.choices)])
+        rows.append(losses[start : start + len(example.choices)])
         start += len(example.choices)
-    return per_example
+    return rows
 
 
 def _shared_prompt_losses(
@@ -294,7 +299,10 @@ def _shared_prompt_losses(
         ids = torch.tensor([shared], device=device)
         cache = getattr(model(input_ids=ids, use_cache=True, logits_to_keep=1), cache_name)
         cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=device))
-    rest, rest_mask = _left_padded([p[len(shared) :] for p in prompts], pad_id, device)
+    with padding_side(prompter.tokenizer, "left"):  # every row ends at the last column
+        rests = {"input_ids": [p[len(shared) :] for p in prompts]}
+        padded = prompter.tokenizer.pad(rests, return_tensors="pt").to(device)
+    rest, rest_mask = padded["input_ids"], padded["attention_mask"]
     mask = torch.cat([mask, rest_mask], dim=1)
     prefill = model(
         input_ids=rest,
@@ -330,11 +338,7 @@ def _shared_prompt_losses(
             reduction="none",
         ).sum(1)
     losses = (nll / torch.tensor([len(t) for t in targets], device=device)).tolist()
-    rows, start = [], 0
-    for example in examples:
-        rows.append(losses[start : start + len(example.choices)])
-        start += len(example.choices)
-    return rows
+    return _by_example(losses, examples)
 
 
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
@@ -344,16 +348,6 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
     while length < shortest and all(s[length] == sequences[0][length] for s in sequences):
         length += 1
     return list(sequences[0][:length])
-
-
-def _left_padded(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask of left-padded rows, so every row ends at the last column."""
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-    return ids, mask
 
 
 def _check_choices(examples: Sequence[Example]) -> None:
