@@ -121,7 +121,11 @@ class Engine:
             checkpoint = Checkpoint(state, self.transport.client_states(), elapsed())
             self.run_dir.save_checkpoint(checkpoint)
         records = self.run_dir.read_records()  # each round appended its own; none kept here
-        summary = {"method": self.method.name, **summarise(records, elapsed())}
+        summary = {
+            "method": self.method.name,
+            **self.method.notes(),
+            **summarise(records, elapsed()),
+        }
         if base_scores:
             summary["base_model"] = {str(c): m for c, m in sorted(base_scores.items())}
         self.run_dir.write_summary(summary)

@@ -187,6 +187,11 @@ class FederatedMethod(ABC, Generic[H]):
         """Aggregate the uploads and move to the next round (whose clients are given); also
         returns server-side diagnostics of the round (empty when there are none)."""
 
+    def notes(self) -> dict[str, object]:
+        """What the run's summary should say about how this method was built (e.g. a rank it
+        derived from the config); {} when nothing."""
+        return {}
+
     def architectures(self, state: ServerState) -> dict[int, Architecture]:
         """Per-client expert sets of ``state.round`` (assignments/, heatmap); {} without experts."""
         return {}

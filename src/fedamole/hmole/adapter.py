@@ -45,6 +45,14 @@ def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
 
 
+def linear_shapes(model: nn.Module, targets: list[str] | str) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of each target linear module, in model order."""
+    linear = _linear_modules(model)
+    return [
+        (linear[n].in_features, linear[n].out_features) for n in resolve_targets(model, targets)
+    ]
+
+
 class HMoLEAdapter:
     """Handle on a model whose target linears were replaced by :class:`HMoLELinear`."""
 

@@ -3,7 +3,8 @@
 
 FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``, ``fedamole-c``), the paper's baselines
 (``fedit``, ``fedit-ft``, ``fedprompt``, ``fedptuning``, ``fdlora``) and others users would pick
-(``local``, ``ffa-lora``, ``feddpa``), all on the same data pipeline, seeds, training loop and
+(``local``, ``ffa-lora``, ``feddpa``), the newer rivals (``fedsa-lora``) and FedIT at FedAMoLE's
+capacity (``fedit-wide``), all on the same data pipeline, seeds, training loop and
 budget (see :mod:`fedamole.methods.lora`).
 """
 
@@ -16,14 +17,18 @@ from fedamole.federation.method import FederatedMethod
 from fedamole.methods.fdlora import FDLoRA
 from fedamole.methods.fedamole import FedAMoLE
 from fedamole.methods.feddpa import FedDPA
+from fedamole.methods.fedit_wide import fedit_wide
 from fedamole.methods.fedprompt import FedPrompt
 from fedamole.methods.fedptuning import fedptuning
+from fedamole.methods.fedsa_lora import fedsa_lora
 from fedamole.methods.lora import PeftMethod, fedit, fedit_ft, ffa_lora, local
 
 METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "local": local,
     "fedit": fedit,
     "fedit-ft": fedit_ft,
+    "fedit-wide": fedit_wide,
+    "fedsa-lora": fedsa_lora,
     "ffa-lora": ffa_lora,
     "feddpa": FedDPA,
     "fedprompt": FedPrompt,

@@ -242,11 +242,15 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
         """How a saved client model is used at inference (for its JSON)."""
         return "every adapter added at full weight (alpha / r)"
 
+    def lora_settings(self, cfg: Config, model: PreTrainedModel) -> LoraConfig:
+        """The LoRA each adapter is (here: FedAMoLE's rank, alpha, dropout and targets)."""
+        return lora_config(cfg.hmole)
+
     def attach(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config
     ) -> AdapterHandle:
         """The method's adapters on the frozen backbone (here: LoRA, A Kaiming-uniform, B = 0)."""
-        config = lora_config(cfg.hmole)
+        config = self.lora_settings(cfg, model)
         peft_model = get_peft_model(model, config, adapter_name=self.adapters[0])
         for adapter in self.adapters[1:]:
             peft_model.add_adapter(adapter, config)
