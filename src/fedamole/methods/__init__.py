@@ -3,7 +3,7 @@
 
 FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``, ``fedamole-c``), the paper's baselines
 (``fedit``, ``fedit-ft``, ``fedprompt``, ``fedptuning``, ``fdlora``) and others users would pick
-(``local``, ``ffa-lora``, ``feddpa``), the newer rivals (``fedsa-lora``) and FedIT at FedAMoLE's
+(``local``, ``ffa-lora``, ``feddpa``), the newer rivals (``fedsa-lora``, ``fedalt``) and FedIT at FedAMoLE's
 capacity (``fedit-wide``), all on the same data pipeline, seeds, training loop and
 budget (see :mod:`fedamole.methods.lora`).
 """
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from fedamole.config import Config, ConfigError
 from fedamole.federation.method import FederatedMethod
 from fedamole.methods.fdlora import FDLoRA
+from fedamole.methods.fedalt import FedALT
 from fedamole.methods.fedamole import FedAMoLE
 from fedamole.methods.feddpa import FedDPA
 from fedamole.methods.fedit_wide import fedit_wide
@@ -34,6 +35,7 @@ METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "fedprompt": FedPrompt,
     "fedptuning": fedptuning,
     "fdlora": FDLoRA,
+    "fedalt": FedALT,
     "fedamole": lambda: FedAMoLE("fedamole"),
     "fedamole-r": lambda: FedAMoLE("fedamole-r"),
     "fedamole-h": lambda: FedAMoLE("fedamole-h"),

@@ -1,0 +1,233 @@
+"""FedALT (Bian, Wang, Zhang and Xu, AAAI 2026, arXiv 2503.11880, "FedALT: Federated Fine-Tuning
+through Adaptive Local Training with Rest-of-World LoRA") on two named PEFT LoRA adapters and a
+per-token router over them.
+
+- **Individual LoRA** (adapter ``local``): each client keeps training its own LoRA, round after
+  round, from where it left it; it is never re-initialised from an aggregate (the paper's break
+  with FedAvg). It is the only thing a client uploads.
+- **Rest-of-World LoRA** (adapter ``row``): what the server sends client i is the mean of the
+  *other* clients' individual LoRAs, ``A_row = mean_{j != i} A_j`` and
+  ``B_row = mean_{j != i} B_j`` (each matrix averaged, as FedIT averages its LoRA and as the
+  authors' code does). It is frozen in local training: no gradient ever reaches it.
+- **Adaptive mixer**: in every adapted module a router ``W_g`` (d_in -> 2, no bias) scores each
+  token's input x, and ``h = W0 x + g_local(x) s B_i A_i x + g_row(x) s B_row A_row x`` with
+  ``(g_local, g_row) = softmax(W_g x)`` and s = alpha / r (the paper's MoE-style mixer, per token
+  and per module). The router trains with the individual LoRA and never leaves the client.
+
+Choices where the paper leaves room, each what its text (or the authors' code) implies:
+
+- The server keeps every client's last upload; the RoW averages, unweighted (the paper's
+  1 / (N - 1)), every *other* client that has uploaded at least once. Before anyone else has
+  uploaded (round 0) the RoW is the seeded LoRA init, B = 0: it adds nothing. Under partial
+  participation a client's last upload keeps counting (the paper has every client in every
+  round). ``federation.weighted_aggregation`` is therefore refused.
+- The router is initialised as ``nn.Linear`` (Kaiming-uniform, the authors' code), from the run
+  seed, identically on every client; the individual LoRA starts from the seeded PEFT init.
+- A client's model is evaluated after aggregation: its individual LoRA and router as trained,
+  with the RoW the server has just computed from this round's uploads. A round ends with the
+  server sending each client its new RoW, and the authors' code scores each client with it
+  loaded; so the model evaluated (and saved, and served) holds the others' latest knowledge.
+- Budget: ``federation.local_steps`` steps of the shared loop on the individual LoRA and the
+  router, with FedAMoLE's LoRA rank, alpha, dropout and target modules, like every baseline here
+  (the authors' code: rank 8, alpha 32, q and v projections, AdamW).
+
+The router rides on PEFT's own LoRA forward: a pre-hook on each LoRA layer sets the two
+adapters' scalings to the per-token gates times alpha / r (PEFT multiplies each adapter's output
+by its scaling, which broadcasts over tokens), so the adapters stay plain PEFT LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedamole.aggregation import aggregate
+from fedamole.config import Config, ConfigError
+from fedamole.data.pipeline import ClientDataset
+from fedamole.federation.training import StepCallback
+from fedamole.methods.lora import (
+    AdapterHandle,
+    LoraHandle,
+    PeftMethod,
+    PeftRuntime,
+    Phase,
+    adapter_key,
+)
+from fedamole.types import ClientPayload, ClientUpdate, Metrics, ServerState, StateDict
+
+LOCAL, ROW = "local", "row"  # the client's individual LoRA and its Rest-of-World LoRA
+ROUTER = "router"  # router tensors are keyed "router/<LoRA layer name>.weight"
+UPLOADS = "client"  # server store: client c's last upload under "client/<c>/<local key>"
+
+
+def router_key(key: str) -> bool:
+    return key.startswith(f"{ROUTER}/")
+
+
+def trained_key(key: str) -> bool:
+    """What local training updates and the client keeps: its individual LoRA and its router."""
+    return adapter_key(LOCAL)(key) or router_key(key)
+
+
+class RoutedLoraHandle(LoraHandle):
+    """PEFT LoRA adapters mixed per token by a router in every LoRA layer: the routers' weights
+    are adapter tensors of the handle (``state``/``load``/``trainable`` cover them)."""
+
+    def __init__(self, model: PeftModel, adapters: tuple[str, ...]) -> None:
+        super().__init__(model, adapters)
+        self.named_layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+        self.routers = {
+            name: nn.Linear(layer.in_features, len(adapters), bias=False).to(
+                layer.lora_A[adapters[0]].weight.device
+            )
+            for name, layer in self.named_layers.items()
+        }
+        self.params |= {f"{ROUTER}/{n}.weight": r.weight for n, r in self.routers.items()}
+
+    @contextmanager
+    def mixing(self, weights: dict[str, float]) -> Iterator[None]:
+        """Every adapter active, each token's output of adapter k scaled by
+        ``weights[k] * g_k(x) * alpha / r`` with g = softmax(router(x)) of that layer."""
+        if set(weights) != set(self.adapters):
+            raise ValueError(f"the router mixes {self.adapters} together, got {weights}")
+        with super().mixing(weights):
+            hooks = [
+                layer.register_forward_pre_hook(self._gating(self.routers[name], weights))
+                for name, layer in self.named_layers.items()
+            ]
+            try:
+                yield
+            finally:
+                for hook in hooks:
+                    hook.remove()
+
+    def _gating(
+        self, router: nn.Linear, weights: dict[str, float]
+    ) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        """A pre-hook that sets the layer's adapter scalings to this input's per-token gates."""
+
+        def gate(layer: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            gates = torch.softmax(router(x.to(router.weight.dtype)), dim=-1, dtype=torch.float32)
+            for i, adapter in enumerate(self.adapters):
+                scale = weights[adapter] * layer.lora_alpha[adapter] / layer.r[adapter]
+                layer.scaling[adapter] = gates[..., i : i + 1] * scale
+
+        return gate
+
+
+class FedALT(PeftMethod):
+    """Individual LoRA trained and kept by each client, frozen leave-one-out Rest-of-World LoRA
+    from the server, a local per-token router mixing them (see module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "fedalt",
+            shared=adapter_key(LOCAL),  # uploaded (and kept: see client_round)
+            phases=(Phase({LOCAL: 1.0, ROW: 1.0}, trained_key),),
+            evaluates_after_aggregation=True,
+            shares_personal_model=False,  # the router never leaves the client
+            adapters=(LOCAL, ROW),
+        )
+
+    def check(self, cfg: Config) -> None:
+        if cfg.federation.weighted_aggregation:
+            raise ConfigError(
+                "federation.weighted_aggregation=true: fedalt's Rest-of-World LoRA is the plain "
+                "mean of the other clients' LoRAs, as in the paper; set it to false"
+            )
+
+    def attach(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config
+    ) -> AdapterHandle:
+        """Both LoRAs (A Kaiming-uniform, B = 0), then a router per LoRA layer."""
+        lora = super().attach(model, tokenizer, cfg)
+        return RoutedLoraHandle(lora.model, self.adapters)
+
+    def runtime(
+        self,
+        handle: AdapterHandle,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: Config,
+        data: ClientDataset,
+    ) -> PeftRuntime:
+        """A client starts with the run's seeded individual LoRA and router, its own from then."""
+        private = {k: v for k, v in self.initial.items() if trained_key(k)}
+        return PeftRuntime(handle, tokenizer, cfg, data, private)
+
+    # ----------------------------------------------------------------- server side
+    def payload(self, state: ServerState, client_id: int) -> ClientPayload:
+        """The Rest-of-World LoRA: the mean of the other clients' last uploads (the seeded
+        init, B = 0, while none has uploaded)."""
+        template = initial_local(state.store)
+        others = [
+            ClientUpdate(c, upload, num_examples=1)
+            for c, upload in uploads(state.store).items()
+            if c != client_id
+        ]
+        mean, _ = aggregate(template, others)
+        row = {f"{ROW}/{key.removeprefix(f'{LOCAL}/')}": value for key, value in mean.items()}
+        return ClientPayload(round=state.round, architecture={}, weights=row, lr=state.lr)
+
+    def complete_round(
+        self,
+        cfg: Config,
+        state: ServerState,
+        updates: list[ClientUpdate],
+        next_participants: list[int],
+    ) -> tuple[ServerState, Metrics]:
+        """Keep each client's individual LoRA as its last upload (a broken upload is rejected,
+        as aggregation rejects it, and the client's previous one stays)."""
+        template = initial_local(state.store)
+        store = dict(state.store)
+        for update in updates:
+            screened, rejected = aggregate(template, [update])
+            if not rejected:
+                store |= {f"{UPLOADS}/{update.client_id}/{k}": screened[k] for k in template}
+        lr = state.lr * cfg.optim.lr_decay
+        return ServerState(state.round + 1, store, lr, next_participants), {}
+
+    def describe(self, cfg: Config, payload: ClientPayload) -> dict[str, object]:
+        return {**super().describe(cfg, payload), "router": f"{ROUTER}/<LoRA layer>.weight"}
+
+    def inference(self) -> str:
+        return (
+            "h = W0 x + g_local(x) * local + g_row(x) * row (each LoRA at alpha / r), "
+            f"(g_local, g_row) = softmax(W x) per token, W = the layer's {ROUTER}/<layer>.weight"
+        )
+
+    def answer_doc(self, runtime: PeftRuntime) -> dict[str, object]:
+        """The rule only: the adapters' weights are the router's, per token."""
+        return {"rule": self.inference()}
+
+    # ----------------------------------------------------------------- client side
+    def client_round(
+        self, payload: ClientPayload, runtime: PeftRuntime, on_step: StepCallback | None = None
+    ) -> ClientUpdate:
+        """Train the individual LoRA and the router beside the frozen RoW; keep both, upload
+        the individual LoRA."""
+        update = super().client_round(payload, runtime, on_step)
+        runtime.private = {k: v for k, v in runtime.private.items() if router_key(k)}
+        runtime.private |= update.weights
+        return update
+
+
+def initial_local(store: StateDict) -> StateDict:
+    """The seeded individual LoRA the server started from (its keys are every upload's)."""
+    return {k: v for k, v in store.items() if adapter_key(LOCAL)(k)}
+
+
+def uploads(store: StateDict) -> dict[int, StateDict]:
+    """Each client's last uploaded individual LoRA, by client id."""
+    out: dict[int, StateDict] = {}
+    for key, value in store.items():
+        if key.startswith(f"{UPLOADS}/"):
+            client, local_key = key.removeprefix(f"{UPLOADS}/").split("/", 1)
+            out.setdefault(int(client), {})[local_key] = value
+    return out
