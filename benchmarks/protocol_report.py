@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedamole.compare import HEADLINE, run_dir_for, selected_scores
+from fedamole.compare import (
+    HEADLINE,
+    OPTIMISTIC_NOTE,
+    WORST_NOTE,
+    best_test_round_score,
+    run_dir_for,
+    selected_scores,
+    worst_client_score,
+)
 from fedamole.methods import FEDAMOLE_VARIANTS
 from fedamole.reporting import RunDir
 from fedamole.stats import bootstrap_difference
@@ -63,12 +71,29 @@ def main() -> None:
         for m in methods
     }
     test = {m: np.mean([np.mean([c.mean() for c in scores[m][s]]) for s in seeds]) for m in methods}
+    best_test = {
+        m: np.mean([best_test_round_score(run_dir_for(args.out, m, s), args.metric) for s in seeds])
+        for m in methods
+    }
+    worst = {
+        m: np.mean(
+            [
+                worst_client_score(RunDir(run_dir_for(args.out, m, s)).read_summary(), args.metric)
+                for s in seeds
+            ]
+        )
+        for m in methods
+    }
     n_test = sum(len(c) for c in scores[methods[0]][seeds[0]])
-    print(f"{args.out}: seeds {seeds}, {n_test} test examples per seed (seed {seeds[0]})\n")
-    print(f"| method | validation {args.metric} (selected rounds) | test {args.metric} |")
-    print("|---|---|---|")
+    print(f"{args.out}: seeds {seeds}, {n_test} test examples per seed (seed {seeds[0]})")
+    print(f"{OPTIMISTIC_NOTE} {WORST_NOTE}\n")
+    print(
+        f"| method | validation {args.metric} (selected rounds) | test {args.metric} | "
+        "best test round (optimistic) | worst client |"
+    )
+    print("|---|---|---|---|---|")
     for m in methods:
-        print(f"| {m} | {val[m]:.4f} | {test[m]:.4f} |")
+        print(f"| {m} | {val[m]:.4f} | {test[m]:.4f} | {best_test[m]:.4f} | {worst[m]:.4f} |")
     baselines = [m for m in methods if m not in FEDAMOLE_VARIANTS]
     pairs = list(PAIRS)
     if baselines:

@@ -210,3 +210,35 @@ def test_resume_refuses_a_run_of_another_method(tmp_path):
     in_process.run_in_process(cfg, method="local")
     with pytest.raises(RunDirError, match="'local' run"):
         in_process.run_in_process(cfg, resume=True, method="fedit")
+
+
+def test_comparison_reports_the_optimistic_best_test_round_and_the_worst_client(tmp_path):
+    """Beside the validation-selected headline: the paper's metric (each client's best test
+    round, labelled optimistic) and the lowest client's selected score, read off the records."""
+    out = tmp_path / "cmp"
+    cfg = load_config(
+        None, [*TINY, "federation.rounds=2", f"output.dir={out / 'local' / 'seed42'}"]
+    )
+    in_process.run_in_process(cfg, method="local")
+    result = fedamole.compare.summarise_comparison(out, ["local"], [42])
+
+    run = RunDir(out / "local" / "seed42")
+    metric = result["metric"]
+    tests: dict[int, list[float]] = {}
+    for r in run.read_records():
+        if r["split"] == "test":
+            tests.setdefault(r["client"], []).append(r[metric])
+    assert all(len(values) == 2 for values in tests.values())
+    row = result["methods"]["local"]
+    assert row["best_test_round"] == pytest.approx(np.mean([max(v) for v in tests.values()]))
+    selected = [c["selected"][metric] for c in run.read_summary()["per_client"].values()]
+    assert row["worst_client"] == pytest.approx(min(selected))
+    assert row["worst_client"] <= row["mean"] <= row["best_test_round"]
+
+    table = fedamole.compare.render_table(result)
+    header, _, local = table.splitlines()[2:5]
+    columns = [c.strip() for c in header.split("|")]
+    values = [c.strip() for c in local.split("|")]
+    assert values[columns.index("best test round (optimistic)")] == f"{row['best_test_round']:.4f}"
+    assert values[columns.index("worst client")] == f"{row['worst_client']:.4f}"
+    assert "never used to choose a method" in table
