@@ -62,12 +62,14 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
 
 
 @pytest.mark.e2e
-def test_killed_run_resumes_to_the_same_summary(tmp_path):
+@pytest.mark.parametrize("method", [None, "fedalt"])
+def test_killed_run_resumes_to_the_same_summary(tmp_path, method):
     extra = ["federation.rounds=3"]
-    reference = run_in_process(tiny_config(tmp_path / "reference", *extra))
+    reference = run_in_process(tiny_config(tmp_path / "reference", *extra), method=method)
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedamole.cli", "run", "--out", str(out)]
+    cmd += ["--method", method] if method else []
     for item in [*TINY, *extra]:
         cmd += ["--set", item]
     proc = subprocess.Popen(
@@ -86,7 +88,7 @@ def test_killed_run_resumes_to_the_same_summary(tmp_path):
         proc.wait()
     assert not (out / "summary.json").exists()
 
-    resumed = run_in_process(tiny_config(out, *extra), resume=True)
+    resumed = run_in_process(tiny_config(out, *extra), resume=True, method=method)
     assert _metrics_of(resumed) == _metrics_of(reference)
 
 
