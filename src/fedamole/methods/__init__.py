@@ -3,7 +3,7 @@
 
 FedAMoLE and its ablations (``fedamole``, ``fedamole-r``, ``fedamole-h``, ``fedamole-c``), the paper's baselines
 (``fedit``, ``fedit-ft``, ``fedprompt``, ``fedptuning``, ``fdlora``) and others users would pick
-(``local``, ``ffa-lora``, ``feddpa``), the newer rivals (``fedsa-lora``, ``fedalt``) and FedIT at FedAMoLE's
+(``local``, ``ffa-lora``, ``feddpa``), the newer rivals (``fedsa-lora``, ``fedalt``, ``fedlease``) and FedIT at FedAMoLE's
 capacity (``fedit-wide``), all on the same data pipeline, seeds, training loop and
 budget (see :mod:`fedamole.methods.lora`).
 """
@@ -19,6 +19,7 @@ from fedamole.methods.fedalt import FedALT
 from fedamole.methods.fedamole import FedAMoLE
 from fedamole.methods.feddpa import FedDPA
 from fedamole.methods.fedit_wide import fedit_wide
+from fedamole.methods.fedlease import FedLEASE
 from fedamole.methods.fedprompt import FedPrompt
 from fedamole.methods.fedptuning import fedptuning
 from fedamole.methods.fedsa_lora import fedsa_lora
@@ -36,6 +37,7 @@ METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "fedptuning": fedptuning,
     "fdlora": FDLoRA,
     "fedalt": FedALT,
+    "fedlease": FedLEASE,
     "fedamole": lambda: FedAMoLE("fedamole"),
     "fedamole-r": lambda: FedAMoLE("fedamole-r"),
     "fedamole-h": lambda: FedAMoLE("fedamole-h"),
