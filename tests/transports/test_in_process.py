@@ -62,7 +62,7 @@ def test_two_round_three_client_run_writes_every_output(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", [None, "fedalt"])
+@pytest.mark.parametrize("method", [None, "fedalt", "fedlease"])
 def test_killed_run_resumes_to_the_same_summary(tmp_path, method):
     extra = ["federation.rounds=3"]
     reference = run_in_process(tiny_config(tmp_path / "reference", *extra), method=method)
