@@ -52,7 +52,7 @@ def node(client: int, state_dir) -> Callable[[Message], Message]:
     return answer
 
 
-@pytest.mark.parametrize("method", ["fedsa-lora", "fedit-wide", "fedalt"])
+@pytest.mark.parametrize("method", ["fedsa-lora", "fedit-wide", "fedalt", "fedlease"])
 def test_method_over_flower_messages_equals_the_in_process_run(method, tmp_path):
     out, reference, state_dir = tmp_path / "flower", tmp_path / "in-process", tmp_path / "nodes"
     cfg = load_config(None, [*TINY, f"output.dir={out}"])
