@@ -199,6 +199,7 @@ class LeaseHandle(LoraHandle):
         self.model.add_adapter(ROUTER, router_config(self.settings, count))
         self.model.set_adapter(experts[0])  # PEFT's generate reads the model's own choice
         self.model.delete_adapter(DEFAULT)
+        self.model.train(self.model.training)  # new dropout modules take the model's mode
         self.adapters = (*experts, ROUTER)
         self.params = _flat_parameters(self.model, self.adapters, _kept)
 
