@@ -33,22 +33,25 @@ Choices where the paper leaves room, each what its text (or the authors' code) i
 
 The router rides on PEFT's own LoRA forward: a pre-hook on each LoRA layer sets the two
 adapters' scalings to the per-token gates times alpha / r (PEFT multiplies each adapter's output
-by its scaling, which broadcasts over tokens), so the adapters stay plain PEFT LoRA.
+by its scaling, which broadcasts over tokens), so the adapters stay plain PEFT LoRA. The router
+itself is stored as a third PEFT adapter, ``router``, of rank 2, whose ``A`` is the router's
+weight; it is never active (its ``B`` stays 0 and is neither kept nor sent), so PEFT moves,
+saves and exports it with the LoRAs (FedLEASE stores its router the same way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig, PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedamole.aggregation import aggregate
-from fedamole.config import Config, ConfigError
+from fedamole.config import Config, ConfigError, HMoLEConfig
 from fedamole.data.pipeline import ClientDataset
 from fedamole.federation.training import StepCallback
 from fedamole.methods.lora import (
@@ -58,68 +61,68 @@ from fedamole.methods.lora import (
     PeftRuntime,
     Phase,
     adapter_key,
+    lora_config,
 )
 from fedamole.types import ClientPayload, ClientUpdate, Metrics, ServerState, StateDict
 
 LOCAL, ROW = "local", "row"  # the client's individual LoRA and its Rest-of-World LoRA
-ROUTER = "router"  # router tensors are keyed "router/<LoRA layer name>.weight"
+MIXED = (LOCAL, ROW)  # the router's outputs, in order
+ROUTER = "router"  # a never-active PEFT adapter whose lora_A (2 x d_in) is each layer's router
 UPLOADS = "client"  # server store: client c's last upload under "client/<c>/<local key>"
-
-
-def router_key(key: str) -> bool:
-    return key.startswith(f"{ROUTER}/")
 
 
 def trained_key(key: str) -> bool:
     """What local training updates and the client keeps: its individual LoRA and its router."""
-    return adapter_key(LOCAL)(key) or router_key(key)
+    return adapter_key(LOCAL)(key) or adapter_key(ROUTER)(key)
+
+
+def unused_router_b(key: str) -> bool:
+    return key.startswith(f"{ROUTER}/") and ".lora_B." in key
+
+
+def router_config(h: HMoLEConfig) -> LoraConfig:
+    """The router as a LoRA on the same modules: A (2 x d_in, PEFT's init = a bias-free
+    nn.Linear's) is its weight; B stays 0 and the adapter is never active."""
+    rank = len(MIXED)
+    return dataclasses.replace(lora_config(h), r=rank, lora_alpha=rank, lora_dropout=0.0)
 
 
 class RoutedLoraHandle(LoraHandle):
-    """PEFT LoRA adapters mixed per token by a router in every LoRA layer: the routers' weights
-    are adapter tensors of the handle (``state``/``load``/``trainable`` cover them)."""
+    """The individual and Rest-of-World LoRAs mixed per token by the router adapter's ``A`` in
+    every LoRA layer; the router's unused ``B`` is no tensor of the handle."""
 
-    def __init__(self, model: PeftModel, adapters: tuple[str, ...]) -> None:
-        super().__init__(model, adapters)
-        self.named_layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-        self.routers = {
-            name: nn.Linear(layer.in_features, len(adapters), bias=False).to(
-                layer.lora_A[adapters[0]].weight.device
-            )
-            for name, layer in self.named_layers.items()
-        }
-        self.params |= {f"{ROUTER}/{n}.weight": r.weight for n, r in self.routers.items()}
+    def __init__(self, model: PeftModel) -> None:
+        super().__init__(model, (*MIXED, ROUTER))
+        self.params = {k: p for k, p in self.params.items() if not unused_router_b(k)}
 
     @contextmanager
     def mixing(self, weights: dict[str, float]) -> Iterator[None]:
-        """Every adapter active, each token's output of adapter k scaled by
+        """Both LoRAs active, each token's output of LoRA k scaled by
         ``weights[k] * g_k(x) * alpha / r`` with g = softmax(router(x)) of that layer."""
-        if set(weights) != set(self.adapters):
-            raise ValueError(f"the router mixes {self.adapters} together, got {weights}")
+        if set(weights) != set(MIXED):
+            raise ValueError(f"the router mixes {MIXED} together, got {weights}")
         with super().mixing(weights):
-            hooks = [
-                layer.register_forward_pre_hook(self._gating(self.routers[name], weights))
-                for name, layer in self.named_layers.items()
-            ]
+            hooks = [layer.register_forward_pre_hook(gating(weights)) for layer in self.layers]
             try:
                 yield
             finally:
                 for hook in hooks:
                     hook.remove()
 
-    def _gating(
-        self, router: nn.Linear, weights: dict[str, float]
-    ) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        """A pre-hook that sets the layer's adapter scalings to this input's per-token gates."""
 
-        def gate(layer: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            gates = torch.softmax(router(x.to(router.weight.dtype)), dim=-1, dtype=torch.float32)
-            for i, adapter in enumerate(self.adapters):
-                scale = weights[adapter] * layer.lora_alpha[adapter] / layer.r[adapter]
-                layer.scaling[adapter] = gates[..., i : i + 1] * scale
+def gating(weights: dict[str, float]) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+    """A pre-hook that sets a LoRA layer's scalings to its router's per-token gates on this
+    input (PEFT multiplies each adapter's output by its scaling, which broadcasts over tokens)."""
 
-        return gate
+    def gate(layer: nn.Module, args: tuple[Tensor, ...]) -> None:
+        router = layer.lora_A[ROUTER]
+        logits = router(args[0].to(router.weight.dtype))
+        gates = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        for i, adapter in enumerate(MIXED):
+            scale = weights[adapter] * layer.lora_alpha[adapter] / layer.r[adapter]
+            layer.scaling[adapter] = gates[..., i : i + 1] * scale
+
+    return gate
 
 
 class FedALT(PeftMethod):
@@ -146,9 +149,10 @@ class FedALT(PeftMethod):
     def attach(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config
     ) -> AdapterHandle:
-        """Both LoRAs (A Kaiming-uniform, B = 0), then a router per LoRA layer."""
+        """Both LoRAs (A Kaiming-uniform, B = 0), then the router adapter."""
         lora = super().attach(model, tokenizer, cfg)
-        return RoutedLoraHandle(lora.model, self.adapters)
+        lora.model.add_adapter(ROUTER, router_config(cfg.hmole))
+        return RoutedLoraHandle(lora.model)
 
     def runtime(
         self,
@@ -194,12 +198,13 @@ class FedALT(PeftMethod):
         return ServerState(state.round + 1, store, lr, next_participants), {}
 
     def describe(self, cfg: Config, payload: ClientPayload) -> dict[str, object]:
-        return {**super().describe(cfg, payload), "router": f"{ROUTER}/<LoRA layer>.weight"}
+        router = f"PEFT adapter {ROUTER!r}, rank {len(MIXED)}: its lora_A is each layer's router"
+        return {**super().describe(cfg, payload), "router": router}
 
     def inference(self) -> str:
         return (
             "h = W0 x + g_local(x) * local + g_row(x) * row (each LoRA at alpha / r), "
-            f"(g_local, g_row) = softmax(W x) per token, W = the layer's {ROUTER}/<layer>.weight"
+            f"(g_local, g_row) = softmax(W x) per token, W = the layer's lora_A of adapter {ROUTER}"
         )
 
     def answer_doc(self, runtime: PeftRuntime) -> dict[str, object]:
@@ -213,7 +218,7 @@ class FedALT(PeftMethod):
         """Train the individual LoRA and the router beside the frozen RoW; keep both, upload
         the individual LoRA."""
         update = super().client_round(payload, runtime, on_step)
-        runtime.private = {k: v for k, v in runtime.private.items() if router_key(k)}
+        runtime.private = {k: v for k, v in runtime.private.items() if adapter_key(ROUTER)(k)}
         runtime.private |= update.weights
         return update
 
