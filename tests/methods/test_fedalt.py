@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import PeftModel
 from test_methods import TINY, Federation, federation  # sibling module: the same stepping harness
+from tiny_run import TINY_RUN
 
 from fedamole.config import ConfigError, load_config
+from fedamole.federation.method import build_base_model
 from fedamole.methods.fedalt import LOCAL, ROUTER, ROW, FedALT, RoutedLoraHandle
+from fedamole.serving import export_client, load_client_model
+from fedamole.serving.personalised import request_examples
+from fedamole.transports.in_process import run_in_process
 
 
 def local_keys(fed: Federation) -> list[str]:
@@ -116,3 +122,27 @@ def test_weighted_aggregation_is_refused_naming_the_setting():
     cfg = load_config(None, [*TINY, "federation.weighted_aggregation=true"])
     with pytest.raises(ConfigError, match="federation.weighted_aggregation"):
         FedALT().check(cfg)
+
+
+def test_an_export_holds_the_whole_client_model_in_peft_adapters(tmp_path):
+    """The two LoRAs and the router are PEFT adapters of the export: loaded with PEFT and mixed
+    by FedALT's handle they give the logits of the model the run saved."""
+    run = tmp_path / "run"
+    cfg = load_config(None, [*TINY_RUN, "model.device=cpu", "optim.lr=0.02", f"output.dir={run}"])
+    run_in_process(cfg, method="fedalt")
+    saved = load_client_model(run, 1, device="cpu")
+    folder = export_client(run, 1, tmp_path / "export").folder
+
+    base, _ = build_base_model(cfg)
+    model = PeftModel.from_pretrained(base, folder / LOCAL, adapter_name=LOCAL)
+    for adapter in (ROW, ROUTER):
+        model.load_adapter(folder / adapter, adapter_name=adapter)
+    exported = RoutedLoraHandle(model.eval())
+    prompt = request_examples("Name a colour.")
+    ids = torch.tensor([saved.prompter.prompt_ids(prompt[0])])
+    ((answering, _),) = saved.answer_rule(prompt)
+    with torch.no_grad():
+        with answering:
+            expected = saved.model(input_ids=ids).logits
+        with exported.mixing({LOCAL: 1.0, ROW: 1.0}):
+            torch.testing.assert_close(model(input_ids=ids).logits, expected)
