@@ -4,12 +4,18 @@ adaptive top-M routing that always uses the client's own expert."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from test_methods import federation  # sibling module: the same stepping harness
+from tiny_run import TINY_RUN
 
+import fedamole
 from fedamole.config import ConfigError, load_config
+from fedamole.data.pipeline import prepare_client_splits
+from fedamole.evaluation import fitting_indices, rouge_l_scores
 from fedamole.methods.fedlease import (
     CLUSTER_KEY,
     LABELS_KEY,
@@ -20,6 +26,10 @@ from fedamole.methods.fedlease import (
     expert,
     expert_gates,
 )
+from fedamole.reporting import RunDir
+from fedamole.serving import export_client, load_client_model
+from fedamole.serving.loading import ExportError
+from fedamole.transports.in_process import run_in_process
 from fedamole.types import ClientUpdate
 
 GROUPS = ["federation.num_clients=4", "data.partition=groups", "data.num_groups=2"]
@@ -156,3 +166,32 @@ def test_the_served_model_routes_through_the_own_expert_and_restores_exactly():
     ((context, _),) = fresh.method.answer_groups(restored, examples)
     with context, torch.no_grad():
         torch.testing.assert_close(fresh.handle.model(input_ids=ids).logits, served)
+
+
+def test_a_clustered_run_serves_each_client_as_evaluated_and_exports_its_router(tmp_path):
+    run = tmp_path / "run"
+    settings = [*TINY_RUN, "model.device=cpu", "federation.rounds=2", f"output.dir={run}"]
+    run_in_process(load_config(None, settings), method="fedlease")
+    rows = [
+        r for r in RunDir(run).read_example_scores() if r["client"] == 1 and r["split"] == "test"
+    ]
+    recorded = max(rows, key=lambda r: r["round"])["rougeL"]
+
+    model = load_client_model(run, 1, device="cpu")
+    cfg = load_config(run / "config.yaml")
+    test = prepare_client_splits(cfg)[1].splits.test
+    kept = [test[i] for i in fitting_indices(model.prompter, test, cfg.model.max_length)]
+    answers = model.generate(
+        [ex.instruction for ex in kept],
+        [ex.input for ex in kept],
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+    )
+    assert recorded and rouge_l_scores(answers, [ex.output for ex in kept]) == recorded
+
+    folder = export_client(run, 1, tmp_path / "export").folder
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == {expert(0), expert(1), ROUTER}
+    mixing = json.loads((folder / "mixing.json").read_text())
+    assert mixing["router_adapter"] == ROUTER and mixing["experts"] == 2
+    with pytest.raises(ExportError, match="router"):  # routed per token: no fixed weights
+        fedamole.load_pretrained(folder, device="cpu")
