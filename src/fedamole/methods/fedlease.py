@@ -18,13 +18,13 @@ Allocation and Selection for Federated Fine-Tuning") on named PEFT LoRA adapters
   can be other experts, so the own expert is always used, possibly through several slots (its
   weight then their sum), and a client uses between 1 and M distinct experts per token.
 
-Settings. The paper's defaults are 5 warm-up rounds of 25, at most 4 clusters and LoRA rank 4 (the
-authors' code: ``--warmup_rounds 5 --global_rounds 25 --max_clusters 4 --rank 4``). Here the
+Settings. The authors' defaults are 5 warm-up rounds of 25, at most 4 clusters and LoRA rank 4
+(their public code: ``--warmup_rounds 5 --global_rounds 25 --max_clusters 4 --rank 4``). Here the
 warm-up is the same share of the run, ``max(1, round(federation.rounds / 5))`` (``warmup_share``),
 so a 25-round run warms up for 5; ``max_clusters`` is 4, capped by the number of clients less one
-(silhouette needs a cluster with two members); every expert has the harness's shared LoRA
-settings (``hmole.rank``, alpha, dropout, targets), as every baseline, rather than the paper's
-r = 4 for RoBERTa. A run that ends within its warm-up never clusters (nothing would use it).
+(silhouette needs fewer clusters than clients; two clients are two clusters); every expert has
+the harness's shared LoRA settings (``hmole.rank``, alpha, dropout, targets), as every baseline,
+rather than the paper's r = 4 for RoBERTa. A run that ends within its warm-up never clusters (nothing would use it).
 
 Choices the paper leaves open, as its text and code imply: the warm-up LoRAs all start from the
 run's one seeded init, so averaging them is meaningful; the router (a bias-free linear map, the
