@@ -2,8 +2,8 @@
 
 The layers are imported from the bottom up in one interpreter: a lower layer that loaded a
 higher one would be caught at its own step, so each step sees only what its own layer (and
-those below it) imported. `fedamole.serving` must not load Flower (tests/test_serving.py's
-models load without it)."""
+those below it) imported. `fedamole.serving` must not load Flower (the models of
+tests/serving/test_loading.py load without it)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 
 # bottom up: each layer with the packages it must not have loaded once all its modules are in
 FLOORS = [
+    ("fedamole.hmole", ["fedamole.federation", "fedamole.serving"]),  # its static-LoRA fold too
     ("fedamole.federation", ["fedamole.methods", "fedamole.transports", "fedamole.serving"]),
     ("fedamole.methods", ["fedamole.transports", "fedamole.serving", "fedamole.compare"]),
     ("fedamole.serving", ["fedamole.transports", "flwr"]),

@@ -14,9 +14,10 @@ from fedamole.models import load_base_model
 from fedamole.quantization import QuantizationError, check_quantization, frozen_linears
 from fedamole.reporting import RunDir
 from fedamole.serving import load_client_model
-from fedamole.serving.api import Limits, create_app
+from fedamole.serving.api import create_app
 from fedamole.serving.pool import RunPool
 from fedamole.serving.scheduler import BatchScheduler
+from fedamole.serving.settings import ServeSettings
 from fedamole.transports.in_process import run_in_process
 
 QUANTIZATIONS = ["nf4", "int8"]
@@ -122,10 +123,11 @@ def test_quantised_fedit_is_generated_and_served(quantization, tmp_path) -> None
     pool = RunPool(out, [0], "cpu")
     layer = pool.handle.model.base_model.model.model.layers[0].self_attn.k_proj
     assert type(layer.weight) is not torch.nn.Parameter  # served on the quantised backbone
-    scheduler = BatchScheduler(pool, max_batch=4, max_queue=8, window_s=0.01)
+    settings = ServeSettings(max_batch=4, max_queue=8)
+    scheduler = BatchScheduler(pool, settings)
     scheduler.start()
     try:
-        with TestClient(create_app(pool, scheduler, None, Limits())) as client:
+        with TestClient(create_app(pool, scheduler, None, settings)) as client:
             answer = client.post(
                 "/v1/chat/completions",
                 json={

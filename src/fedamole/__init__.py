@@ -22,13 +22,13 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
-    from fedamole.serving.export import load_pretrained
-    from fedamole.serving.personalised import ClientModel, load_client_model
+    from fedamole.serving.loading import load_client_model, load_pretrained
+    from fedamole.serving.personalised import ClientModel
 
 _LAZY = {
     "ClientModel": "fedamole.serving.personalised",
-    "load_client_model": "fedamole.serving.personalised",
-    "load_pretrained": "fedamole.serving.export",
+    "load_client_model": "fedamole.serving.loading",
+    "load_pretrained": "fedamole.serving.loading",
 }
 
 __all__ = ["ClientModel", "load_client_model", "load_pretrained"]

@@ -19,6 +19,8 @@ from rich.table import Table
 from fedamole.config import Config, ConfigError, load_config
 from fedamole.errors import UserError
 from fedamole.files import atomic_write_text
+from fedamole.http_server import HTTPSettings
+from fedamole.serving.settings import ServeSettings
 
 app = typer.Typer(
     help="Personalised federated fine-tuning of LLMs with heterogeneous mixtures of LoRA experts.",
@@ -249,11 +251,8 @@ def generate(
     model (--base) to see what fine-tuning changed; one JSON line each."""
     import json
 
-    from fedamole.serving.personalised import (
-        load_base_model_of,
-        load_client_model,
-        read_prompt_file,
-    )
+    from fedamole.serving.loading import load_base_model_of, load_client_model
+    from fedamole.serving.personalised import read_prompt_file
 
     # No rich log handler here: stdout carries only the answers (warnings go to stderr).
     if (prompt is None) == (input_file is None):
@@ -341,6 +340,9 @@ def export(
         console.print(table)
 
 
+SERVE = ServeSettings()  # the defaults of `fedamole serve`
+
+
 @app.command()
 def serve(
     run_dir: Annotated[
@@ -355,58 +357,70 @@ def serve(
         typer.Option("--model", help="an exported folder to serve instead (repeatable)"),
     ] = None,
     host: Annotated[str, typer.Option(help="address to bind (loopback unless --api-keys)")] = (
-        "127.0.0.1"
+        SERVE.http.host
     ),
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = SERVE.http.port,
     api_keys: Annotated[
         Path | None,
         typer.Option(help='YAML/JSON file: {"<key>": ["client-0", ...]}; "*" = every model'),
-    ] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together")] = 16,
-    max_queue: Annotated[int, typer.Option(min=1, help="waiting requests before 429")] = 64,
+    ] = SERVE.api_keys,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="requests decoded together")
+    ] = SERVE.max_batch,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="waiting requests before 429")
+    ] = SERVE.max_queue,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens allowed")] = (
-        256
+        SERVE.max_new_tokens
     ),
     batch_window_ms: Annotated[
         float, typer.Option(min=0.0, help="how long an idle server gathers a batch")
-    ] = 10.0,
+    ] = SERVE.batch_window_s * 1000,
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="at most this many clients' adapters on the device at once, the least recently "
+            "used reloaded from disk when asked for (default: all)",
+        ),
+    ] = SERVE.max_loaded,
     device: DeviceOpt = None,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS (uvicorn's TLS)")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(help="the key of --ssl-certfile")] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="serve HTTPS (uvicorn's TLS)")
+    ] = SERVE.http.ssl_certfile,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="the key of --ssl-certfile")
+    ] = SERVE.http.ssl_keyfile,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="larger request bodies get 413 before they are read")
-    ] = 1 << 20,
+    ] = SERVE.max_body_bytes,
     header_timeout: Annotated[
         float, typer.Option(min=0.1, help="s a connection has to send its request headers")
-    ] = 10.0,
+    ] = SERVE.http.header_timeout_s,
     idle_timeout: Annotated[
         float, typer.Option(min=0.1, help="s an idle connection or a paused body is kept")
-    ] = 5.0,
+    ] = SERVE.http.idle_timeout_s,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve personalised models behind one OpenAI-compatible endpoint (/v1/chat/completions,
     /v1/completions, /v1/models): one frozen backbone, every client's own adapter on it, requests
     for different clients decoded together."""
-    from fedamole.serving.server import ServerSettings, run_server
+    from fedamole.serving.server import run_server
 
     _setup_logging(verbose)
     if (run_dir is None) == (not models):
         raise typer.BadParameter("give --run DIR or one or more --model FOLDER", param_hint="--run")
     if clients and run_dir is None:
         raise typer.BadParameter("--client goes with --run", param_hint="--client")
-    settings = ServerSettings(
-        host,
-        port,
+    settings = ServeSettings(
+        HTTPSettings(host, port, ssl_certfile, ssl_keyfile, header_timeout, idle_timeout),
         api_keys,
         max_batch,
         max_queue,
         max_new_tokens,
         batch_window_ms / 1000,
-        ssl_certfile,
-        ssl_keyfile,
         max_body_bytes,
-        header_timeout,
-        idle_timeout,
+        max_loaded,
     )
     with _user_errors():
         run_server(settings, run_dir, clients or None, models or [], device, console)

@@ -178,7 +178,34 @@ def generate(
 ) -> list[str]:
     """Answers to `examples`' prompts (new text only, stripped): greedy, or sampled with
     `temperature` and nucleus `top_p` when `do_sample` (seed torch's generator first for
-    repeatable samples).
+    repeatable samples), `batch_size` prompts at a time through :func:`generate_tokens`."""
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+    outputs: list[str] = []
+    for batch in _batches(examples, batch_size):
+        prompts = [prompter.prompt_ids(example) for example in batch]
+        new_tokens = generate_tokens(model, prompter, prompts, max_new_tokens, **sampling)
+        outputs.extend(
+            prompter.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens
+        )
+    return outputs
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: PreTrainedModel,
+    prompter: Prompter,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    **hooks: object,
+) -> list[list[int]]:
+    """Each prompt's new tokens, up to its first stop token: the one call to ``transformers``'
+    ``generate`` that evaluation, ``fedamole generate`` and the server's whole batches share,
+    so their greedy answers are the same tokens. ``hooks`` are further ``generate`` arguments
+    that observe or end rows (a streamer, stopping criteria) or pick each row's adapter (PEFT's
+    ``adapter_names``).
 
     Prompts are left-padded so every continuation starts right after its prompt. Generation
     stops at the prompter's stop tokens (the tokens training ends every response with; a
@@ -186,25 +213,20 @@ def generate(
     """
     tokenizer, stop_ids = prompter.tokenizer, list(prompter.stop_token_ids)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    outputs: list[str] = []
     with eval_mode(model), padding_side(tokenizer, "left"):
-        for batch in _batches(examples, batch_size):
-            prompts = {"input_ids": [prompter.prompt_ids(example) for example in batch]}
-            encoded = tokenizer.pad(prompts, return_tensors="pt").to(model_device(model))
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                **sampling,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
-            outputs.extend(
-                tokenizer.decode(until_stop(ids, stop_ids), skip_special_tokens=True).strip()
-                for ids in new_tokens
-            )
-    return outputs
+        encoded = tokenizer.pad({"input_ids": list(prompts)}, return_tensors="pt")
+        encoded = encoded.to(model_device(model))
+        generated = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            **sampling,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            **hooks,
+        )
+    new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
+    return [until_stop(ids, stop_ids) for ids in new_tokens]
 
 
 def _mean_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ times out idle kept-alive connections, after a response), and an idle timeout.""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -60,24 +61,29 @@ def _header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
     return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout_s": timeout_s})
 
 
-def serve_http(
-    app: ASGIApp,
-    host: str,
-    port: int,
-    ssl_certfile: Path | None,
-    ssl_keyfile: Path | None,
-    header_timeout_s: float,
-    idle_timeout_s: float,
-) -> None:
-    """Serve ``app`` until interrupted: TLS when given, each request's headers due within
-    ``header_timeout_s``, kept-alive connections closed after ``idle_timeout_s`` idle."""
+@dataclass(frozen=True)
+class HTTPSettings:
+    """Where a server listens, its TLS (uvicorn's, when both files are given), and how long a
+    connection may hold it: each request's headers are due within ``header_timeout_s`` and an
+    idle kept-alive connection closes after ``idle_timeout_s`` (both servers' one default)."""
+
+    host: str
+    port: int
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+
+
+def serve_http(app: ASGIApp, http: HTTPSettings) -> None:
+    """Serve ``app`` until interrupted, as ``http`` says."""
     uvicorn.run(
         app,
-        host=host,
-        port=port,
+        host=http.host,
+        port=http.port,
         log_level="warning",
-        ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile,
-        http=_header_deadline_protocol(header_timeout_s),
-        timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  # a float works
+        ssl_certfile=http.ssl_certfile,
+        ssl_keyfile=http.ssl_keyfile,
+        http=_header_deadline_protocol(http.header_timeout_s),
+        timeout_keep_alive=http.idle_timeout_s,  # type: ignore[arg-type]  # a float works
     )

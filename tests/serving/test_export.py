@@ -1,5 +1,6 @@
-"""Models people take home, on tiny one-round runs: PEFT exports of the baselines, FedAMoLE's
-self-contained export, the static LoRA, `fedamole generate`, and the errors for bad requests."""
+"""Models people take home, on the tiny one-round runs (tests/serving/conftest.py): PEFT exports
+of the baselines, FedAMoLE's self-contained export, the static LoRA and its routing weights, and
+the errors for bad requests."""
 
 from __future__ import annotations
 
@@ -12,47 +13,26 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from tiny_run import TINY_RUN
 from typer.testing import CliRunner
 
 import fedamole
 from fedamole.cli import app
-from fedamole.config import load_config
 from fedamole.data.example import DataError
 from fedamole.data.prompts import build_prompter
 from fedamole.federation.training import fixed_batches
+from fedamole.hmole.fold import mean_routing_weights
 from fedamole.hmole.keys import expert_key, shared_key
 from fedamole.methods.feddpa import GLOBAL, LOCAL
 from fedamole.methods.lora import LoraHandle
 from fedamole.models import load_base_model
-from fedamole.reporting import RunDirError
-from fedamole.serving.export import ExportError, export_client, mean_routing_weights
-from fedamole.serving.personalised import (
-    client_data,
-    open_saved_client,
-    read_prompt_file,
-    rebuild,
-    request_examples,
-)
-from fedamole.transports.in_process import run_in_process
+from fedamole.serving.export import export_client
+from fedamole.serving.loading import ExportError, client_data, open_saved_client, rebuild
+from fedamole.serving.personalised import read_prompt_file, request_examples
 
-# One round; a large learning rate so that two steps move the adapters visibly.
-TINY = [*TINY_RUN, "model.device=cpu", "federation.num_clients=3", "optim.lr=0.02"]
 PROMPTS = ["What is 12 plus 30?", "Sort these words: pear apple fig"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """A finished one-round run per method the tests load (about a second each)."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for method in ("fedit", "fedamole", "feddpa"):
-        out[method] = root / method
-        run_in_process(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
-    return out
-
-
-def copy_run(runs: dict[str, Path], method: str, where: Path) -> Path:
+def copy_run(runs, method: str, where: Path) -> Path:
     return Path(shutil.copytree(runs[method], where / f"{method}-copy"))
 
 
@@ -204,69 +184,7 @@ def test_static_lora_folds_shared_and_weighted_local_experts(runs, tmp_path):
     assert doc["fidelity"]["prompts"] > 0
 
 
-# ------------------------------------------------------------------------------------ generate
-def answers_of(result) -> list[dict]:
-    assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-
-@pytest.mark.parametrize("method", ["fedit", "fedamole"])
-def test_generate_answers_one_prompt_and_a_file(runs, method, tmp_path):
-    client = fedamole.load_client_model(runs[method], 0, device="cpu")
-    expected = client.generate(PROMPTS, ["", "pear apple fig"], max_new_tokens=5)
-
-    one = answers_of(invoke("generate", "--run", runs[method], "--max-new-tokens", 5, PROMPTS[0]))
-    assert one == [{"client": 0, "instruction": PROMPTS[0], "input": "", "output": expected[0]}]
-
-    jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text(
-        json.dumps({"instruction": PROMPTS[0]})
-        + "\n\n"
-        + json.dumps({"instruction": PROMPTS[1], "input": "pear apple fig"})
-        + "\n"
-    )
-    written = tmp_path / "answers.jsonl"
-    result = invoke(
-        "generate", "--run", runs[method], "--input-file", jsonl, "--max-new-tokens", 5,
-        "--output", written,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in written.read_text().splitlines()]
-    assert [r["output"] for r in rows] == expected
-    assert [r["input"] for r in rows] == ["", "pear apple fig"]
-
-
-def test_sampling_is_repeatable_with_a_seed_and_plain_text_files_hold_instructions(runs, tmp_path):
-    text = tmp_path / "prompts.txt"
-    text.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
-    assert read_prompt_file(text) == (PROMPTS, ["", ""])
-    args = ["generate", "--run", runs["fedit"], "--input-file", text, "--max-new-tokens", 8]
-    sampled = ["--do-sample", "--temperature", 1.5, "--seed", 7]
-    first, again = answers_of(invoke(*args, *sampled)), answers_of(invoke(*args, *sampled))
-    assert len(first) == 2 and first == again
-
-
-def test_feddpa_generate_mixes_per_prompt(runs):
-    client = fedamole.load_client_model(runs["feddpa"], 1, device="cpu")
-    assert len(client.answer_rule(request_examples(PROMPTS))) == 2  # one mix per prompt
-    assert len(client.generate(PROMPTS, max_new_tokens=3)) == 2
-
-
 # ------------------------------------------------------------------------------------ errors
-def test_unknown_client_and_unfinished_run_are_named(runs, tmp_path):
-    result = invoke("generate", "--run", runs["fedit"], "--client", 7, "hello")
-    assert result.exit_code == 2
-    assert "no saved model for client 7" in flat(result.output)
-    assert "saved: 0, 1, 2" in flat(result.output)
-
-    unfinished = copy_run(runs, "fedit", tmp_path)
-    (unfinished / "summary.json").unlink()
-    with pytest.raises(RunDirError, match=r"is not finished .* --resume"):
-        fedamole.load_client_model(unfinished, 0)
-    with pytest.raises(RunDirError, match="no such directory"):
-        export_client(tmp_path / "nowhere", 0, tmp_path / "x")
-
-
 def test_a_model_kept_on_a_flower_node_says_where_it_is(runs, tmp_path):
     # What a Flower run of FedDPA leaves: the model's JSON with the folder the node reported,
     # and no weights (they stay on the node).
@@ -317,15 +235,3 @@ def test_mean_routing_weights_count_only_real_tokens(runs):
         assert list(weights) == adapter.architecture[module]
         assert weights == pytest.approx(padded[module], abs=1e-6)
         assert sum(weights.values()) == pytest.approx(1.0)
-
-
-def test_generate_with_the_base_model_answers_without_adapters(runs):
-    rows = answers_of(
-        invoke("generate", "--run", runs["fedit"], "--base", "--max-new-tokens", 5, PROMPTS[0])
-    )
-    base, tokenizer = load_base_model("tiny-random-llama")
-    prompter = build_prompter(tokenizer, "auto")
-    expected = fedamole.ClientModel(base, prompter, "base").generate(PROMPTS[:1], max_new_tokens=5)
-    assert rows == [
-        {"client": "base", "instruction": PROMPTS[0], "input": "", "output": expected[0]}
-    ]

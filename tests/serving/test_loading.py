@@ -1,6 +1,7 @@
-"""The model a client is served is the model it was evaluated with, for every method: a tiny
-one-round run per method, its client model loaded back (from the run and from an export) and
-scored on the client's test split, against the per-example scores the run recorded."""
+"""The model a client is served is the model it was evaluated with, for every method: the tiny
+one-round run of each method (tests/serving/conftest.py), its client model loaded back (from the
+run and from an export) and scored on the client's test split, against the per-example scores the
+run recorded; and the errors that name what cannot be loaded."""
 
 from __future__ import annotations
 
@@ -11,33 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_run import TINY_RUN
+from typer.testing import CliRunner
 
 import fedamole
+from fedamole.cli import app
 from fedamole.config import load_config
 from fedamole.data.pipeline import prepare_client_splits
 from fedamole.evaluation import exact_match_scores, fitting_indices, rouge_l_scores
 from fedamole.methods import METHODS
 from fedamole.methods.fdlora import FUSION_KEY, GLOBAL, PERSONAL
 from fedamole.methods.lora import LoraHandle
-from fedamole.reporting import RunDir
+from fedamole.reporting import RunDir, RunDirError
 from fedamole.serving import ClientModel, export_client, load_client_model
-from fedamole.serving.export import ExportError
+from fedamole.serving.loading import ExportError
 from fedamole.serving.personalised import request_examples
-from fedamole.transports.in_process import run_in_process
 
-TINY = [*TINY_RUN, "model.device=cpu", "optim.lr=0.02", "eval.max_new_tokens=4"]
 CLIENT = 1
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("served")
-    out = {}
-    for method in METHODS:
-        out[method] = root / method
-        run_in_process(load_config(None, [*TINY, f"output.dir={out[method]}"]), method=method)
-    return out
 
 
 def recorded_test_scores(run: Path, client: int) -> dict[str, list[float]]:
@@ -116,3 +106,20 @@ def test_fdlora_serves_its_fused_model_not_the_global_lora(runs, tmp_path):
     global_only = next_token_logits(client, handle.mixing({GLOBAL: 1.0}))
     torch.testing.assert_close(served, personal)
     assert (served - global_only).abs().max() > 1e-3
+
+
+def test_unknown_client_and_unfinished_run_are_named(runs, tmp_path):
+    result = CliRunner().invoke(
+        app, ["generate", "--run", str(runs["fedit"]), "--client", "7", "hi"]
+    )
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "no saved model for client 7" in message
+    assert "saved: 0, 1, 2, 3" in message
+
+    unfinished = Path(shutil.copytree(runs["fedit"], tmp_path / "fedit"))
+    (unfinished / "summary.json").unlink()
+    with pytest.raises(RunDirError, match=r"is not finished .* --resume"):
+        fedamole.load_client_model(unfinished, 0)
+    with pytest.raises(RunDirError, match="no such directory"):
+        export_client(tmp_path / "nowhere", 0, tmp_path / "x")

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,6 +56,27 @@ class ModelHandle(Protocol):
 
     def state(self) -> StateDict:
         """Every adapter tensor currently loaded, as detached CPU copies."""
+        ...
+
+
+@runtime_checkable
+class PerRowHandle(ModelHandle, Protocol):
+    """A handle whose batches can hold several clients' prompts, each row with its own client's
+    adapter, so `fedamole serve` decodes them together (a handle that is not one serves one
+    client at a time). Per-row adapters are for inference only: a model in training mode is
+    refused (as PEFT refuses ``adapter_names`` in training)."""
+
+    def keep(self, key: str) -> None:
+        """Copy the adapter now in the handle under ``key``, on the model's device."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """Free the copy kept under ``key``."""
+        ...
+
+    def rows(self, keys: list[str]) -> AbstractContextManager[dict[str, object]]:
+        """Forward passes in which row i uses the copy kept under ``keys[i]``; yields further
+        arguments for the forward (or ``generate``) call."""
         ...
 
 
@@ -220,12 +241,9 @@ class FederatedMethod(ABC, Generic[H]):
     # routed experts with what rebuilds them.
     export_format: Literal["peft", "hmole"] = "peft"
     # True when answering needs the client's own data (FedDPA's mix compares each prompt with
-    # the client's training prompts): serving then rebuilds the client's splits.
+    # the client's training prompts): serving then rebuilds the client's splits. A method whose
+    # handle is a :class:`PerRowHandle` is served many clients per batch.
     serves_from_client_data: bool = False
-    # True when one batch can hold several clients' prompts, each row with its own adapter
-    # (the handle then has ``keep(key)`` and ``rows(keys)``): `fedamole serve` decodes them
-    # together; otherwise it restores one client at a time.
-    serves_per_row: bool = False
 
     def answer_groups(
         self, runtime: ClientRuntime[H], examples: list[Example]

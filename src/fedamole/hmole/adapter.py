@@ -147,10 +147,16 @@ class HMoLEAdapter:
         for layer in self.layers.values():
             layer.keep(key)
 
+    def forget(self, key: str) -> None:
+        """Free the adapter kept under ``key`` in every module."""
+        for layer in self.layers.values():
+            layer.forget(key)
+
     @contextmanager
     def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
         """Forward passes in which row i of the batch uses the adapter kept under ``keys[i]``
-        (each row its own experts, router and top-k); yields no extra generate arguments."""
+        (each row its own experts, router and top-k); yields no extra forward arguments. Each
+        layer refuses these rows in training mode."""
         device = model_device(self.model)
         self.context.row_groups = [
             (key, torch.tensor([i for i, k in enumerate(keys) if k == key], device=device))

@@ -270,6 +270,10 @@ class HMoLELinear(nn.Module):
             self.down.detach().clone(), self.up.detach().clone(), self.gate_template.clone()
         )
 
+    def forget(self, key: str) -> None:
+        """Free the copy kept under ``key`` (its memory goes back to the device)."""
+        del self.kept[key]
+
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if self.context.row_groups is not None:

@@ -167,7 +167,6 @@ class FedAMoLE(FederatedMethod[HMoLEAdapter]):
     """FedAMoLE (SPEC 3) and its ablations; the variant pins ``rsea.mode``."""
 
     export_format = "hmole"
-    serves_per_row = True
 
     MODES = {
         "fedamole": "rsea",

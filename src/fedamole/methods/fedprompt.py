@@ -63,11 +63,6 @@ class PromptMethod(PeftMethod):
         self.peft_config = peft_config
         self.settings = settings
 
-    @property
-    def serves_per_row(self) -> bool:
-        """A soft prompt changes the sequence, not a layer: clients are served one at a time."""
-        return False
-
     def attach(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config
     ) -> AdapterHandle:

@@ -50,6 +50,7 @@ from fedamole.federation.method import (
     AnswerGroup,
     ClientRuntime,
     FederatedMethod,
+    PerRowHandle,
     build_base_model,
     evaluate_client,
 )
@@ -143,22 +144,6 @@ class LoraHandle(AdapterHandle):
         super().__init__(model, adapters, lambda name: ".lora_" in name)
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
-    @torch.no_grad()
-    def keep(self, key: str) -> None:
-        """Copy the current single adapter into a new PEFT adapter named ``key``, for
-        :meth:`rows` (PEFT's mixed-adapter batches)."""
-        (adapter,) = self.adapters
-        self.model.add_adapter(key, self.model.peft_config[adapter])
-        kept = _flat_parameters(self.model, (key,), lambda name: ".lora_" in name)
-        for flat, param in self.params.items():
-            kept[flat.replace(f"{adapter}/", f"{key}/", 1)].copy_(param)
-
-    @contextmanager
-    def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
-        """Generate with row i using the adapter kept under ``keys[i]``: PEFT's own
-        ``adapter_names``."""
-        yield {"adapter_names": list(keys)}
-
     @contextmanager
     def mixing(self, weights: dict[str, float]) -> Iterator[None]:
         """Run with these adapters active, each scaled by its weight times alpha / r."""
@@ -172,6 +157,37 @@ class LoraHandle(AdapterHandle):
             for layer in self.layers:
                 for adapter in weights:
                     layer.set_scale(adapter, 1.0)
+
+
+class RowLoraHandle(LoraHandle, PerRowHandle):
+    """One LoRA adapter, which PEFT's mixed-adapter batches (``adapter_names``) can give each row
+    of a batch in its own client's copy."""
+
+    @torch.no_grad()
+    def keep(self, key: str) -> None:
+        """Copy the single adapter into a new PEFT adapter named ``key``, in the model's mode
+        (PEFT creates its layers in training mode: their dropout would sample every answer)."""
+        (adapter,) = self.adapters
+        training = self.model.training
+        self.model.add_adapter(key, self.model.peft_config[adapter])
+        self.model.train(training)
+        kept = _flat_parameters(self.model, (key,), lambda name: ".lora_" in name)
+        for flat, param in self.params.items():
+            kept[flat.replace(f"{adapter}/", f"{key}/", 1)].copy_(param)
+
+    def forget(self, key: str) -> None:
+        self.model.delete_adapter(key)
+
+    @contextmanager
+    def rows(self, keys: list[str]) -> Iterator[dict[str, object]]:
+        """Row i on the adapter kept under ``keys[i]``: PEFT's own ``adapter_names``, refused
+        here in training mode with the setting to change."""
+        if self.model.training:
+            raise RuntimeError(
+                "per-row adapters (rows of different clients in one batch) are for inference "
+                "only; call model.eval() first"
+            )
+        yield {"adapter_names": list(keys)}
 
 
 def _flat_parameters(
@@ -212,11 +228,6 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
     adapters: tuple[str, ...] = (DEFAULT,)
     initial: StateDict = field(default_factory=dict, init=False, repr=False)
 
-    @property
-    def serves_per_row(self) -> bool:
-        """One LoRA adapter at full weight: PEFT's mixed-adapter batches serve it per row."""
-        return self.adapters == (DEFAULT,)
-
     # ----------------------------------------------------------------- rules a subclass may change
     def serving_weights(self, runtime: PeftRuntime) -> dict[str, float]:
         """The weight of each adapter in the client's model: every adapter at full weight."""
@@ -254,6 +265,8 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
         peft_model = get_peft_model(model, config, adapter_name=self.adapters[0])
         for adapter in self.adapters[1:]:
             peft_model.add_adapter(adapter, config)
+        if self.adapters == (DEFAULT,):  # one LoRA at full weight: served per row
+            return RowLoraHandle(peft_model, self.adapters)
         return LoraHandle(peft_model, self.adapters)
 
     def adapter_settings(self, cfg: Config) -> dict[str, object]:

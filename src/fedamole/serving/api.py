@@ -37,6 +37,7 @@ from fedamole.files import TextFileError, read_utf8
 from fedamole.serving.decoding import DecodeResult, DecodeRow, Sampling
 from fedamole.serving.pool import ModelPool
 from fedamole.serving.scheduler import BatchScheduler, Pending, QueueFull
+from fedamole.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -281,16 +282,6 @@ class CompletionRequest(_Request):
 
 
 # ---------------------------------------------------------------------------------- the app
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server: tokens to generate, bytes of body, and how long
-    its body may pause between chunks (seconds)."""
-
-    max_new_tokens: int = 256
-    max_body_bytes: int = 1 << 20
-    body_idle_s: float = 5.0
-
-
 @dataclass
 class _Job:
     """One request, checked and ready to queue, with what its response needs."""
@@ -327,11 +318,13 @@ Visible = Annotated[frozenset[str], Depends(_visible)]
 
 
 def create_app(
-    pool: ModelPool, scheduler: BatchScheduler, keys: KeyRing | None, limits: Limits
+    pool: ModelPool, scheduler: BatchScheduler, keys: KeyRing | None, settings: ServeSettings
 ) -> FastAPI:
     app = FastAPI(title="fedamole serve", version="1", docs_url=None, redoc_url=None)
     app.state.keys, app.state.names = keys, frozenset(pool.names())
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, idle_s=limits.body_idle_s)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, idle_s=settings.http.idle_timeout_s
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -397,7 +390,7 @@ def create_app(
                 "messages",
             )
         wanted = body.max_completion_tokens or body.max_tokens
-        job = _job(pool, limits, body, name, prompt_ids, wanted, example, "chat")
+        job = _job(pool, settings.max_new_tokens, body, name, prompt_ids, wanted, example, "chat")
         return await _respond(scheduler, job, body.stream)
 
     @app.post("/v1/completions", response_model=None)
@@ -414,7 +407,9 @@ def create_app(
             )
         _check_characters(pool, name, len(prompts[0]), "prompt")
         prompt_ids = await run_in_threadpool(pool.prompter(name).text_ids, prompts[0])
-        job = _job(pool, limits, body, name, prompt_ids, body.max_tokens, None, "text")
+        job = _job(
+            pool, settings.max_new_tokens, body, name, prompt_ids, body.max_tokens, None, "text"
+        )
         return await _respond(scheduler, job, body.stream)
 
     return app
@@ -445,7 +440,7 @@ def _instruction(messages: list[dict[str, str]]) -> Example | None:
 
 def _job(
     pool: ModelPool,
-    limits: Limits,
+    max_new_tokens: int,
     body: _Request,
     name: str,
     prompt_ids: list[int],
@@ -456,9 +451,9 @@ def _job(
     """The request as a row to decode, once its lengths are known to fit."""
     context = pool.max_length(name)
     room = context - len(prompt_ids)
-    if wanted is not None and wanted > limits.max_new_tokens:
+    if wanted is not None and wanted > max_new_tokens:
         raise bad_request(
-            f"max_tokens is {wanted}, above this server's limit of {limits.max_new_tokens} "
+            f"max_tokens is {wanted}, above this server's limit of {max_new_tokens} "
             "(--max-new-tokens)",
             "max_tokens",
         )
@@ -470,7 +465,7 @@ def _job(
             "Please reduce the length of the prompt or max_tokens.",
             "messages",
         )
-    max_new = min(wanted or limits.max_new_tokens, room)
+    max_new = min(wanted or max_new_tokens, room)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     row = DecodeRow(name, prompt_ids, max_new, body.sampling(), body.stops(), example)
     return _Job(row, kind, include_usage)

@@ -1,8 +1,8 @@
 """Continuous batching: requests join the running batch at the next decoding step.
 
 The batch is a set of rows over one shared backbone, each row with its own client (its adapter
-chosen per row by the pool's ``rows`` context), its own sampling and its own end
-(:class:`~fedamole.serving.decoding.RowDecoder`). Joining rows are prefilled on their own, then
+chosen per row by the pool's ``rows`` context, at most ``max_clients`` clients at once), its own
+sampling and its own end (:class:`~fedamole.serving.decoding.RowDecoder`). Joining rows are prefilled on their own, then
 their KV cache is left-padded to the running batch's length (or the batch's to theirs) and
 concatenated along the batch; finished rows leave after every step, and columns that are padding
 in every row are cropped. Positions are given explicitly per row (the number of real tokens
@@ -46,8 +46,15 @@ class Slot:
 class ContinuousBatch:
     """The rows being decoded together, their KV cache and attention mask (left-padded)."""
 
-    def __init__(self, model: nn.Module, prompter: Prompter, rows: RowsContext) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        prompter: Prompter,
+        rows: RowsContext,
+        max_clients: int | None = None,
+    ) -> None:
         self.model, self.prompter, self.rows = model, prompter, rows
+        self.max_clients = max_clients  # distinct clients the running rows may have (None: any)
         self.device = model_device(model)
         self.cache_argument = cache_argument(model)
         self.slots: list[Slot] = []
@@ -58,6 +65,22 @@ class ContinuousBatch:
     @property
     def active(self) -> int:
         return len(self.slots)
+
+    def clients(self) -> set[str]:
+        """The clients of the running rows."""
+        return {slot.row.model for slot in self.slots}
+
+    def takes(self, rows: list[DecodeRow]) -> list[bool]:
+        """Which of ``rows``, in order, can join now without the batch holding more than
+        ``max_clients`` clients."""
+        clients, fits = self.clients(), []
+        for row in rows:
+            fits.append(
+                row.model in clients or self.max_clients is None or len(clients) < self.max_clients
+            )
+            if fits[-1]:
+                clients.add(row.model)
+        return fits
 
     @torch.no_grad()
     def admit(self, arrivals: list[tuple[DecodeRow, Callable]]) -> None:

@@ -1,17 +1,18 @@
 """Decoding one batch of requests whose rows may differ in length, stop rule and even client.
 
-Rows are decoded by ``transformers``' own ``generate`` with the same arguments as
-:func:`fedamole.evaluation.generate` (left padding, the prompter's stop tokens, greedy unless
+Rows are decoded by :func:`fedamole.evaluation.generate_tokens`, the very call ``fedamole
+generate`` and evaluation make (left padding, the prompter's stop tokens, greedy unless
 sampling), so a greedy answer here is token for token the answer ``fedamole generate`` gives. What
 differs per row (its ``max_tokens``, ``stop`` strings, a streaming sink) is kept by a
 :class:`RowDecoder`, which ``generate`` feeds through its streamer hook and consults through a
 stopping criterion: a row that is done is padded until the batch ends, and the batch ends when
-every row is done.
+every row is done. The other decoder is :class:`~fedamole.serving.continuous.ContinuousBatch`,
+for rows that join a running batch; a test holds the two to the same greedy text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,8 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fedamole.data.example import Example
 from fedamole.data.prompts import Prompter
-from fedamole.device import model_device
-from fedamole.evaluation import eval_mode, padding_side
+from fedamole.evaluation import generate_tokens
 
 FinishReason = Literal["stop", "length"]
 
@@ -157,36 +157,25 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor([row.done for row in self.rows], device=input_ids.device)
 
 
-@torch.no_grad()
 def decode_batch(
-    model: nn.Module,
-    prompter: Prompter,
-    rows: Sequence[DecodeRow],
-    extra: Mapping[str, object] | None = None,
+    model: nn.Module, prompter: Prompter, rows: Sequence[DecodeRow]
 ) -> list[DecodeResult]:
-    """Decode ``rows`` (one shared :class:`Sampling`) in one ``generate`` call; ``extra`` are
-    further ``generate`` arguments (PEFT's per-row ``adapter_names``)."""
+    """Decode ``rows`` (one shared :class:`Sampling`) in one ``generate`` call."""
     sampling = rows[0].sampling
     if any(row.sampling != sampling for row in rows):
         raise ValueError("a batch is decoded with one sampling setting; group rows by it")
-    tokenizer, stop_ids = prompter.tokenizer, list(prompter.stop_token_ids)
-    decoders = [RowDecoder(row, tokenizer, stop_ids) for row in rows]
+    decoders = [RowDecoder(row, prompter.tokenizer, prompter.stop_token_ids) for row in rows]
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    with eval_mode(model), padding_side(tokenizer, "left"):
-        encoded = tokenizer.pad(
-            {"input_ids": [row.prompt_ids for row in rows]}, return_tensors="pt"
-        ).to(model_device(model))
-        model.generate(
-            **encoded,
-            max_new_tokens=max(row.max_new_tokens for row in rows),
-            **sampling.generate_kwargs(),
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=_RowStreamer(decoders),
-            stopping_criteria=StoppingCriteriaList([_RowsDone(decoders)]),
-            **(extra or {}),
-        )
+    generate_tokens(
+        model,
+        prompter,
+        [row.prompt_ids for row in rows],
+        max(row.max_new_tokens for row in rows),
+        **sampling.generate_kwargs(),
+        streamer=_RowStreamer(decoders),
+        stopping_criteria=StoppingCriteriaList([_RowsDone(decoders)]),
+    )
     return [decoder.result() for decoder in decoders]
 
 

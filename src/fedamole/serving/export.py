@@ -1,15 +1,17 @@
-"""Models people can take home: one client's personalised model as a folder that needs no run.
+"""Models people can take home: one client's personalised model written as a folder that needs
+no run (:mod:`fedamole.serving.loading` reads it back).
 
 - PEFT baselines (local, fedit, fedit-ft, ffa-lora, feddpa, fdlora, fedprompt, fedptuning): a
   PEFT adapter folder written by PEFT's own ``save_pretrained``, loadable with
   ``peft.PeftModel.from_pretrained(base, folder)``; a method with several adapters (FedDPA,
   FDLoRA) has one subfolder each and ``mixing.json``, how its method mixes them.
 - FedAMoLE variants: ``fedamole_model.json`` (base model, HMoLE settings, the client's
-  architecture) and ``adapter.safetensors``; :func:`load_pretrained` rebuilds the routed model.
+  architecture) and ``adapter.safetensors``, from which ``load_pretrained`` rebuilds the routed
+  model.
 - FedAMoLE with ``static_lora``: one plain PEFT LoRA per module that folds the shared expert
   (weight 1) and the local experts (each at its mean routing weight over the client's training
-  tokens) into rank (k_max + 1) r, for servers that only know LoRA; the export measures what the
-  approximation loses on the client's validation split.
+  tokens) into rank (k_max + 1) r (:mod:`fedamole.hmole.fold`), for servers that only know LoRA;
+  the export measures what the approximation loses on the client's validation split.
 
 Every export folder has ``fedamole_model.json`` (what it is and where it came from) and a
 README.md saying how to load it.
@@ -21,7 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -29,52 +31,38 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
-from pydantic import ValidationError
-from safetensors.torch import load_file
-from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from peft import PeftModel
+from torch import nn
 
-from fedamole.config import Config, HMoLEConfig
+from fedamole.config import Config
 from fedamole.data.example import Example
-from fedamole.data.prompts import Prompter, build_prompter
+from fedamole.data.prompts import Prompter
 from fedamole.device import autocast, model_device
-from fedamole.errors import UserError
 from fedamole.evaluation import evaluate_examples
-from fedamole.federation.method import AnswerGroup, build_base_model
-from fedamole.federation.training import Batch, fixed_batches, to_device
+from fedamole.federation.method import build_base_model
+from fedamole.federation.training import fixed_batches
 from fedamole.files import atomic_write_text
-from fedamole.hmole import HMoLEAdapter
-from fedamole.hmole.keys import expert_key, shared_key
-from fedamole.methods.fedamole import build_hmole_model
-from fedamole.methods.lora import LoraHandle, lora_config
+from fedamole.hmole.fold import fold_static_lora, mean_routing_weights
+from fedamole.methods.lora import lora_config
 from fedamole.models import DEFAULT_MODEL, TINY_MODEL
 from fedamole.reporting import ADAPTER_WEIGHTS
-from fedamole.serving.personalised import (
-    ClientModel,
+from fedamole.serving.loading import (
+    ADAPTER_WEIGHTS_KEY,
+    MIXING_FILE,
+    MODEL_FILE,
+    README,
+    ExportError,
     SavedClient,
     client_data,
     open_saved_client,
     rebuild,
 )
-from fedamole.types import StateDict
 
-MODEL_FILE = "fedamole_model.json"
-MIXING_FILE = "mixing.json"  # how a model with several adapters mixes them (its method's rule)
-ADAPTER_WEIGHTS_KEY = "adapter_weights"  # in MIXING_FILE: fixed weight per adapter, if fixed
-README = "README.md"
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 FIDELITY_PROMPTS = 4  # validation prompts whose logits the static LoRA is compared on
 ROUTING_SPLIT = "train"  # the split whose tokens give the static LoRA its expert weights
 
 Kind = Literal["hmole", "peft-lora", "static-lora"]
-RoutingWeights = dict[str, dict[int, float]]  # module -> expert id -> mean routing weight
-
-
-class ExportError(UserError, ValueError):
-    """An export that cannot be written or loaded as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +205,7 @@ def export_static_lora(saved: SavedClient, folder: Path) -> Export:
     batches = fixed_batches(data.train, cfg.eval.batch_size, prompter.tokenizer.pad_token_id)
     weights = mean_routing_weights(adapter, batches, cfg.optim.mixed_precision)
     base, _ = build_base_model(cfg)
-    static = fold_static_lora(adapter, weights, base, cfg.hmole)
+    static = fold_static_lora(adapter, weights, base, lora_config(cfg.hmole))
     fidelity = static_fidelity(adapter.model, static, prompter, data.splits.val, cfg)
     save_peft(static, cfg, folder)
     doc = _doc(saved, "static-lora") | {
@@ -231,95 +219,7 @@ def export_static_lora(saved: SavedClient, folder: Path) -> Export:
     return Export(folder, "static-lora", fidelity)
 
 
-# ---------------------------------------------------------------------------------- static LoRA
-@torch.no_grad()
-def mean_routing_weights(
-    adapter: HMoLEAdapter, batches: Sequence[Batch], mixed_precision: str = "no"
-) -> RoutingWeights:
-    """Per module, each local expert's routing weight (top-k renormalised, 0 outside the top k)
-    averaged over the non-padding tokens of ``batches``."""
-    routed: dict[str, tuple[Tensor, Tensor]] = {}  # module -> this batch's (expert ids, gates)
-
-    def capture(name: str, layer: nn.Module):
-        def hook(_module: nn.Module, args: tuple[Tensor, ...], _output: Tensor) -> None:
-            routed[name] = layer.route(args[0])  # (tokens, top_k) global ids and their weights
-
-        return hook
-
-    hooks = [layer.register_forward_hook(capture(n, layer)) for n, layer in adapter.layers.items()]
-    sums: dict[str, Tensor] = {}
-    tokens, model = 0, adapter.model
-    device = model_device(model)
-    try:
-        model.eval()
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast(device, mixed_precision):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            real = batch["attention_mask"].reshape(-1).bool()
-            tokens += int(real.sum())
-            for name, (ids, gates) in routed.items():
-                size = max(adapter.layers[name].expert_ids) + 1
-                total = sums.setdefault(name, torch.zeros(size, dtype=torch.float64, device=device))
-                total.index_add_(0, ids[real].flatten(), gates[real].flatten().double())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {
-        name: {e: float(sums[name][e]) / tokens for e in layer.expert_ids}
-        for name, layer in adapter.layers.items()
-    }
-
-
-def folded_factors(
-    state: StateDict, module: str, weights: Mapping[int, float], rank: int
-) -> tuple[Tensor, Tensor]:
-    """A' = [A_s; w_1 A_1; ...] and B' = [B_s, B_1, ...], zero-padded to ``rank``, so that
-    B' A' = B_s A_s + sum_e w_e B_e A_e (zero rows and columns add nothing)."""
-    a = torch.cat(
-        [state[shared_key(module, "A")]]
-        + [w * state[expert_key(module, e, "A")] for e, w in weights.items()]
-    )
-    b = torch.cat(
-        [state[shared_key(module, "B")]] + [state[expert_key(module, e, "B")] for e in weights],
-        dim=1,
-    )
-    pad = rank - a.shape[0]
-    return F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
-
-
-@torch.no_grad()
-def fold_static_lora(
-    adapter: HMoLEAdapter, weights: RoutingWeights, base: nn.Module, h: HMoLEConfig
-) -> PeftModel:
-    """A PEFT LoRA on ``base`` (a fresh copy of the backbone) equal to the routed model with every
-    local expert at its fixed weight. One rank for every module, (k_max + 1) r, so servers that
-    need a single rank (vLLM) take it; lora_alpha = (alpha / r) * rank keeps HMoLE's scale."""
-    rank = (max(len(ws) for ws in weights.values()) + 1) * h.rank
-    config = dataclasses.replace(
-        lora_config(h),
-        r=rank,
-        lora_alpha=h.alpha / h.rank * rank,
-    )
-    model = get_peft_model(base, config)
-    layers = {
-        name: module
-        for name, module in model.base_model.model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
-    if set(layers) != set(adapter.modules):
-        raise ExportError(
-            f"PEFT adapts {sorted(set(layers) ^ set(adapter.modules))[:3]} differently from "
-            "HMoLE's target modules; cannot fold the experts into a LoRA"
-        )
-    state = adapter.state()
-    for name, layer in layers.items():
-        a, b = folded_factors(state, name, weights[name], rank)
-        layer.lora_A["default"].weight.copy_(a)
-        layer.lora_B["default"].weight.copy_(b)
-    return model.eval()
-
-
+# ---------------------------------------------------------------------------------- fidelity
 def static_fidelity(
     routed: nn.Module,
     static: nn.Module,
@@ -351,81 +251,6 @@ def mean_abs_logit_diff(first: nn.Module, second: nn.Module, prompt_ids: list[in
     ids = torch.tensor([prompt_ids])
     logits = [m(input_ids=ids.to(model_device(m))).logits.float().cpu() for m in (first, second)]
     return float((logits[0] - logits[1]).abs().mean())
-
-
-# ---------------------------------------------------------------------------------- loading
-def load_pretrained(path: Path, base_model: str | None = None, device: str = "auto") -> ClientModel:
-    """An exported client model, ready to answer, from its folder alone: the FedAMoLE routed
-    model (or a single-adapter PEFT export) on its base model, in eval mode, with its tokenizer.
-    ``base_model`` replaces the recorded base (another folder or hub id of the same weights)."""
-    folder = Path(path)
-    doc = read_export(folder)
-    cfg = _base_config(doc, base_model, device, folder)
-    name = f"{doc['source']['method']} client {doc['source']['client']} exported to {folder}"
-    if doc["kind"] == "hmole":
-        adapter, tokenizer = build_hmole_model(cfg)
-        adapter.set_architecture(doc["architecture"])
-        adapter.load_state(load_file(str(folder / doc["weights"])))
-        return ClientModel(adapter.model.eval(), _prompter(tokenizer, doc), name)
-    adapters = doc.get("adapters", ["default"])
-    base, tokenizer = build_base_model(cfg)
-    if adapters == ["default"]:
-        model = PeftModel.from_pretrained(base, folder).eval()
-        return ClientModel(model, _prompter(tokenizer, doc), name)
-    weights = _fixed_weights(folder)
-    model = PeftModel.from_pretrained(base, folder / adapters[0], adapter_name=adapters[0])
-    for adapter in adapters[1:]:
-        model.load_adapter(folder / adapter, adapter_name=adapter)
-    handle = LoraHandle(model.eval(), tuple(adapters))
-
-    def at_fixed_weights(examples: list[Example]) -> list[AnswerGroup]:
-        return [(handle.mixing(weights), list(range(len(examples))))]
-
-    return ClientModel(model, _prompter(tokenizer, doc), name, at_fixed_weights)
-
-
-def _fixed_weights(folder: Path) -> dict[str, float]:
-    """The adapters' fixed weights from ``mixing.json``; a per-prompt mix cannot load alone."""
-    path = folder / MIXING_FILE
-    mixing = json.loads(path.read_text()) if path.is_file() else {}
-    weights = mixing.get(ADAPTER_WEIGHTS_KEY)
-    if not isinstance(weights, dict):
-        raise ExportError(
-            f"{folder} holds adapters mixed per prompt ({mixing.get('rule', 'see ' + README)}): "
-            f"load them with PEFT as its {README} shows"
-        )
-    return {str(name): float(weight) for name, weight in weights.items()}
-
-
-def _prompter(tokenizer: PreTrainedTokenizerBase, doc: dict) -> Prompter:
-    """The prompt format the model was trained with (exports before formats existed: Alpaca)."""
-    return build_prompter(tokenizer, doc.get("prompt_format", "alpaca"))
-
-
-def read_export(folder: Path) -> dict:
-    path = Path(folder) / MODEL_FILE
-    if not path.is_file():
-        raise ExportError(
-            f"{path} not found: {folder} is not a folder written by `fedamole export`"
-        )
-    return json.loads(path.read_text())
-
-
-def _base_config(doc: dict, base_model: str | None, device: str, folder: Path) -> Config:
-    try:
-        return Config.model_validate(
-            {
-                "model": {
-                    "name": base_model or doc["base_model"],
-                    "dtype": doc["dtype"],
-                    "quantization": doc.get("quantization", "none"),
-                    "device": device,
-                },
-                "hmole": doc.get("hmole", {}),
-            }
-        )
-    except ValidationError as err:
-        raise ExportError(f"{folder / MODEL_FILE}: unusable settings: {err}") from None
 
 
 # ---------------------------------------------------------------------------------- documents

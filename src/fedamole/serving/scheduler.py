@@ -1,8 +1,9 @@
 """The one thread that runs the model: requests wait in a bounded queue and are decoded in batches.
 
 For pools that serve per row (FedAMoLE, single-LoRA baselines) the batch is continuous: waiting
-requests join the running batch before its next decoding step (up to ``max_batch`` rows) and
-leave as soon as they are done (:class:`~fedamole.serving.continuous.ContinuousBatch`). For the
+requests join the running batch before its next decoding step (up to ``max_batch`` rows; a
+request whose client would take the batch past ``--max-loaded`` clients waits, in order, until a
+client's rows are done) and leave as soon as they are done (:class:`~fedamole.serving.continuous.ContinuousBatch`). For the
 others, a batch takes every waiting request, decodes it to the end (rows grouped by sampling
 setting, :func:`~fedamole.serving.decoding.batches_by_sampling`), then takes the next. An idle
 server waits ``window_s`` for the first requests to gather. A full queue refuses at once (the API
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from fedamole.serving.continuous import ContinuousBatch
 from fedamole.serving.decoding import DecodeResult, DecodeRow, batches_by_sampling
 from fedamole.serving.pool import ModelPool
+from fedamole.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,14 @@ class Pending:
 
 
 class BatchScheduler:
-    def __init__(
-        self, pool: ModelPool, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.01
-    ) -> None:
-        if max_batch < 1 or max_queue < 1:
+    """Batches of up to ``settings.max_batch`` rows, ``settings.max_queue`` requests waiting."""
+
+    def __init__(self, pool: ModelPool, settings: ServeSettings) -> None:
+        if settings.max_batch < 1 or settings.max_queue < 1:
             raise ValueError("--max-batch and --max-queue must be at least 1")
-        self.pool, self.max_batch, self.window_s = pool, max_batch, window_s
-        self.queue: queue.Queue[Pending | None] = queue.Queue(maxsize=max_queue)
+        self.pool, self.max_batch = pool, settings.max_batch
+        self.window_s = settings.batch_window_s
+        self.queue: queue.Queue[Pending | None] = queue.Queue(maxsize=settings.max_queue)
         self.thread = threading.Thread(target=self._loop, name="fedamole-decoder", daemon=True)
         self.batches = 0
 
@@ -75,25 +78,33 @@ class BatchScheduler:
                 self._decode([batch[i] for i in members])
 
     def _loop_continuous(self, batch: ContinuousBatch) -> None:
+        waiting: list[Pending] = []  # taken from the queue; their client cannot join yet
         while True:
-            if batch.active:
-                arrivals = self._drain(self.max_batch - batch.active)
+            if batch.active or waiting:
+                arrivals = self._drain(self.max_batch - batch.active - len(waiting))
             else:
                 first = self.queue.get()
                 arrivals = None if first is None else self._gather(first)
             if arrivals is None:
-                batch.fail(RuntimeError("the server is shutting down"))
+                error = RuntimeError("the server is shutting down")
+                for pending in waiting:
+                    pending.done(error)
+                batch.fail(error)
                 return
+            candidates = waiting + arrivals
+            fits = batch.takes([p.row for p in candidates])
+            joining = [p for p, ok in zip(candidates, fits, strict=True) if ok]
+            waiting = [p for p, ok in zip(candidates, fits, strict=True) if not ok]
             try:
-                if arrivals:
+                if joining:
                     self.batches += 1
-                    batch.admit([(p.row, p.done) for p in arrivals])
+                    batch.admit([(p.row, p.done) for p in joining])
                 if batch.active:
                     batch.step()
-            except Exception as exc:  # every waiting request is answered, the thread lives on
+            except Exception as exc:  # every joining request is answered, the thread lives on
                 log.exception("decoding failed with %d rows running", batch.active)
                 admitted = {id(slot.done) for slot in batch.slots}
-                for pending in arrivals:
+                for pending in joining:
                     if id(pending.done) not in admitted:
                         pending.done(exc)
                 batch.fail(exc)

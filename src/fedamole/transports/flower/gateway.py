@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fedamole.config import ConfigError
-from fedamole.http_server import serve_http
+from fedamole.http_server import HTTPSettings, serve_http
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ class GatewaySettings:
     ssl_keyfile: Path | None = None
     superlink_ca: Path | None = None  # the SuperLink speaks TLS; verify it with this CA
     insecure: bool = False  # plain HTTP outside: local try-outs only
-    header_timeout_s: float = 10.0  # a connection has this long to send each request's headers
-    idle_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
 
     def check(self) -> None:
         """Refuse a gateway without TLS outside unless asked for, and missing files."""
@@ -77,6 +75,10 @@ class GatewaySettings:
         for path in (self.ssl_certfile, self.ssl_keyfile, self.superlink_ca):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{path}: no such file")
+
+    def http(self) -> HTTPSettings:
+        """Where it listens, with TLS outside; connection timeouts as every fedamole server."""
+        return HTTPSettings(self.host, self.port, self.ssl_certfile, self.ssl_keyfile)
 
     def upstream_url(self) -> str:
         return f"{'https' if self.superlink_ca else 'http'}://{self.superlink}"
@@ -144,12 +146,4 @@ def run_gateway(settings: GatewaySettings) -> None:
         settings.port,
         settings.upstream_url(),
     )
-    serve_http(
-        create_gateway(upstream),
-        settings.host,
-        settings.port,
-        settings.ssl_certfile,
-        settings.ssl_keyfile,
-        settings.header_timeout_s,
-        settings.idle_timeout_s,
-    )
+    serve_http(create_gateway(upstream), settings.http())
