@@ -46,6 +46,16 @@ def validation_mean(run_dir: Path, metric: str) -> float:
     return float(np.mean([values[c] for c in sorted(selected)]))
 
 
+def differing_share(
+    first: dict[int, list[np.ndarray]], second: dict[int, list[np.ndarray]]
+) -> float:
+    """The share of paired test examples (over seeds and clients) whose scores differ: what
+    sets the width a paired comparison can reach (a pilot's figure for sizing a design)."""
+    pairs = [(a, b) for seed in first for a, b in zip(first[seed], second[seed], strict=True)]
+    differ = sum(int(np.sum(a != b)) for a, b in pairs)
+    return differ / sum(len(a) for a, _ in pairs)
+
+
 def present_methods(out: Path, seeds: list[int]) -> list[str]:
     """Methods whose every seed finished (a summary exists)."""
     names = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs")
@@ -100,14 +110,18 @@ def main() -> None:
         best = max(baselines, key=lambda m: val[m])
         print(f"\nbest baseline by validation {args.metric}: {best}")
         pairs.insert(0, ("fedamole", best))
-    print("\n| comparison | difference | 95 % paired interval | width | includes 0 |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| comparison | difference | 95 % paired interval | width | includes 0 | "
+        "examples that differ |"
+    )
+    print("|---|---|---|---|---|---|")
     for a, b in pairs:
         if a in methods and b in methods:
             d = bootstrap_difference(scores[a], scores[b])
             print(
                 f"| {a} - {b} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
-                f"{d.high - d.low:.4f} | {'yes' if d.includes_zero else 'no'} |"
+                f"{d.high - d.low:.4f} | {'yes' if d.includes_zero else 'no'} | "
+                f"{differing_share(scores[a], scores[b]):.3f} |"
             )
     print("\nassignment change per re-assignment (mean over seeds):")
     for m in methods:
