@@ -5,14 +5,11 @@ two organisations, and how a test asks a served client through the `openai` pack
 import openai
 from tiny_run import TINY_RUN
 
-# One round, four clients; a large learning rate so that two steps move the adapters visibly.
-SERVED_RUN = [
-    *TINY_RUN,
-    "model.device=cpu",
-    "optim.lr=0.02",
-    "federation.num_clients=4",
-    "eval.max_new_tokens=4",
-]
+# One round; a large learning rate so that two steps move the adapters visibly.
+SERVED_RUN = [*TINY_RUN, "model.device=cpu", "optim.lr=0.02", "eval.max_new_tokens=4"]
+# The methods the pool, API and export tests serve have four clients; every other method's run
+# (only loaded back, one client) keeps the tiny run's two, which halves its training.
+SERVED_METHODS = ("fedamole", "fedit", "feddpa")
 CLIENTS = 4
 PROMPTS = ["What is 12 plus 30?", "Name a colour.", "Sort: pear apple fig", "Say hello"]
 MAX_TOKENS = 6

@@ -1,6 +1,7 @@
-"""The serving tests' one fixture of trained runs: a finished one-round, four-client tiny run per
-method, trained the first time a test of this session asks for it and shared by every serving
-test after that (nothing here writes into them: tests that change a run change a copy)."""
+"""The serving tests' one fixture of trained runs: a finished one-round tiny run per method (four
+clients for the methods the server tests serve), trained the first time a test of this session
+asks for it and shared by every serving test after that (nothing here writes into them: tests
+that change a run change a copy)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from serving_cases import CLIENTS, MAX_TOKENS, PROMPTS, SERVED_RUN
+from serving_cases import CLIENTS, MAX_TOKENS, PROMPTS, SERVED_METHODS, SERVED_RUN
 
 from fedamole.config import load_config
 from fedamole.reporting import ADAPTER_WEIGHTS, RunDir
@@ -27,7 +28,9 @@ class Runs:
     def __getitem__(self, method: str) -> Path:
         out = self.root / method
         if method not in self.trained:
-            run_in_process(load_config(None, [*SERVED_RUN, f"output.dir={out}"]), method=method)
+            clients = CLIENTS if method in SERVED_METHODS else 2
+            settings = [*SERVED_RUN, f"federation.num_clients={clients}", f"output.dir={out}"]
+            run_in_process(load_config(None, settings), method=method)
             self.trained.add(method)
         return out
 

@@ -1,6 +1,6 @@
 """Pools of served models: methods served one client at a time (FedDPA's per-prompt mix) and
 exported folders answer as `fedamole generate`, also when fewer models than they serve may be
-loaded at once; per-row adapters refuse a model in training mode."""
+loaded at once; per-row pools answer mixed batches; per-row adapters refuse training mode."""
 
 from __future__ import annotations
 
@@ -68,3 +68,18 @@ def test_per_row_adapters_refuse_training_mode(runs, method):
     handle.model.eval()
     with torch.no_grad(), handle.rows(["client-0", "client-1"]) as extra:
         assert handle.model(input_ids=ids, **extra).logits.shape[0] == 2
+
+
+@pytest.mark.parametrize("method", ["fedamole", "fedit"])
+def test_a_per_row_pool_answers_a_mixed_batch_in_one_generate(method, served, generated):
+    """Whole batches (the decoder ``fedamole generate`` uses) over several clients' kept
+    adapters, with fewer loaded at once than the pool serves: each row its client's answer."""
+    pool = RunPool(served[method], max_loaded=3)
+    prompter = pool.prompter("client-0")
+    jobs = [(c, PROMPTS[c]) for c in (3, 0, 2)]
+    rows = [
+        DecodeRow(f"client-{c}", prompter.chat_ids([{"role": "user", "content": p}]), MAX_TOKENS)
+        for c, p in jobs
+    ]
+    assert [a.text for a in pool.answer(rows)] == [generated[method, c, p] for c, p in jobs]
+    assert sorted(pool.resident.loaded) == ["client-0", "client-2", "client-3"]

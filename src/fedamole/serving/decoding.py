@@ -12,7 +12,7 @@ for rows that join a running batch; a test holds the two to the same greedy text
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -158,9 +158,13 @@ class _RowsDone(StoppingCriteria):
 
 
 def decode_batch(
-    model: nn.Module, prompter: Prompter, rows: Sequence[DecodeRow]
+    model: nn.Module,
+    prompter: Prompter,
+    rows: Sequence[DecodeRow],
+    extra: Mapping[str, object] | None = None,
 ) -> list[DecodeResult]:
-    """Decode ``rows`` (one shared :class:`Sampling`) in one ``generate`` call."""
+    """Decode ``rows`` (one shared :class:`Sampling`) in one ``generate`` call; ``extra`` are
+    further ``generate`` arguments (PEFT's per-row ``adapter_names``)."""
     sampling = rows[0].sampling
     if any(row.sampling != sampling for row in rows):
         raise ValueError("a batch is decoded with one sampling setting; group rows by it")
@@ -175,6 +179,7 @@ def decode_batch(
         **sampling.generate_kwargs(),
         streamer=_RowStreamer(decoders),
         stopping_criteria=StoppingCriteriaList([_RowsDone(decoders)]),
+        **(extra or {}),
     )
     return [decoder.result() for decoder in decoders]
 

@@ -5,8 +5,9 @@ A :class:`ClientModel` is what :mod:`fedamole.serving.loading` gives for a run's
 and how its method answers. ``fedamole generate`` is the command-line face of
 :meth:`ClientModel.generate`.
 
-This module is the one place where a request becomes model text (:func:`prompt_text`) and where
-answers are generated (:meth:`ClientModel.generate`).
+Requests become examples here (:func:`request_examples`, :func:`read_prompt_file`), and
+:meth:`ClientModel.generate` answers them under the method's rule through
+:func:`fedamole.evaluation.generate`.
 """
 
 from __future__ import annotations

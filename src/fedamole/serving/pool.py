@@ -136,11 +136,14 @@ class RunPool:
         for name in self.saved:  # each client loads once now: a broken one fails at start
             self.resident.get(name)
 
-    def _load(self, name: str) -> ClientRuntime:
+    def _load(self, name: str) -> ClientRuntime | None:
+        """The client restored into the handle; a per-row pool then keeps its adapter on the
+        device and nothing else (its runtime may hold the tensors again, on the CPU)."""
         runtime = client_runtime(self.saved[name], self.handle, self._prompter)
         self.active = name
         if self.per_row:
             self.handle.keep(name)
+            return None
         return runtime
 
     def _unload(self, name: str) -> None:
@@ -177,10 +180,14 @@ class RunPool:
             yield extra
 
     def answer(self, rows: list[DecodeRow]) -> list[DecodeResult]:
+        if self.per_row:  # each row on its client's kept adapter, all in one generate
+            with self._rows([row.model for row in rows]) as extra:
+                return decode_batch(self.handle.model, self._prompter, rows, extra)
         return one_model_at_a_time(rows, self._answering)
 
     def _answering(self, name: str) -> tuple[nn.Module, Prompter, AnswerRule]:
         runtime = self.resident.get(name)
+        assert runtime is not None  # a pool that is not per-row keeps its clients' runtimes
         if self.active != name:
             saved = self.saved[name]
             self.method.restore(runtime, saved.weights(), saved.doc)
