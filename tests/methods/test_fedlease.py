@@ -28,7 +28,7 @@ from fedamole.methods.fedlease import (
 )
 from fedamole.reporting import RunDir
 from fedamole.serving import export_client, load_client_model
-from fedamole.serving.loading import ExportError
+from fedamole.serving.loading import CLIENT_FOLDER
 from fedamole.transports.in_process import run_in_process
 from fedamole.types import ClientUpdate
 
@@ -190,8 +190,20 @@ def test_a_clustered_run_serves_each_client_as_evaluated_and_exports_its_router(
     assert recorded and rouge_l_scores(answers, [ex.output for ex in kept]) == recorded
 
     folder = export_client(run, 1, tmp_path / "export").folder
-    assert {p.name for p in folder.iterdir() if p.is_dir()} == {expert(0), expert(1), ROUTER}
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == {
+        expert(0),
+        expert(1),
+        ROUTER,
+        CLIENT_FOLDER,
+    }
     mixing = json.loads((folder / "mixing.json").read_text())
     assert mixing["router_adapter"] == ROUTER and mixing["experts"] == 2
-    with pytest.raises(ExportError, match="router"):  # routed per token: no fixed weights
-        fedamole.load_pretrained(folder, device="cpu")
+    assert "load_pretrained" in (folder / "README.md").read_text()
+    exported = fedamole.load_pretrained(folder, device="cpu")  # rebuilt through FedLEASE
+    answers = exported.generate(
+        [ex.instruction for ex in kept],
+        [ex.input for ex in kept],
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+    )
+    assert rouge_l_scores(answers, [ex.output for ex in kept]) == recorded

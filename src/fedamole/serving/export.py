@@ -45,9 +45,10 @@ from fedamole.files import atomic_write_text
 from fedamole.hmole.fold import fold_static_lora, mean_routing_weights
 from fedamole.methods.lora import lora_config
 from fedamole.models import DEFAULT_MODEL, TINY_MODEL
-from fedamole.reporting import ADAPTER_WEIGHTS
+from fedamole.reporting import ADAPTER_WEIGHTS, CONFIG_FILE
 from fedamole.serving.loading import (
     ADAPTER_WEIGHTS_KEY,
+    CLIENT_FOLDER,
     MIXING_FILE,
     MODEL_FILE,
     README,
@@ -141,8 +142,39 @@ def export_peft(saved: SavedClient, folder: Path) -> Export:
         mixing = saved.method.answer_doc(runtime)
         atomic_write_text(folder / MIXING_FILE, json.dumps(mixing, indent=1))
         notes = _mixing_readme(mixing, adapters)
+        if ADAPTER_WEIGHTS_KEY not in mixing and not saved.method.serves_from_client_data:
+            _write_saved_client(saved, folder / CLIENT_FOLDER)
+            doc[CLIENT_FOLDER] = CLIENT_FOLDER
+            notes = _routed_readme(mixing)
     _write_docs(folder, doc, _peft_readme(saved, adapters) + notes)
     return Export(folder, "peft-lora")
+
+
+def _write_saved_client(saved: SavedClient, folder: Path) -> None:
+    """The client's saved model (tensors and description) with the run's config: what its
+    method needs to rebuild it, through the same load path as a run's client."""
+    folder.mkdir()
+    for name in (ADAPTER_WEIGHTS, saved.method.client_model_file):
+        shutil.copyfile(saved.folder / name, folder / name)
+    atomic_write_text(folder / CONFIG_FILE, saved.cfg.to_yaml())
+
+
+def _routed_readme(mixing: dict[str, object]) -> str:
+    return f"""
+## How the adapters are mixed
+
+The client's model runs its adapters together, weighted per token by its own learned router
+(the rule: {mixing.get("rule")}). PEFT alone has no such router: load the folder with
+
+```python
+import fedamole
+model = fedamole.load_pretrained("path/to/this/folder")
+print(model.generate(["Your instruction"], [""]))
+```
+
+which rebuilds the model through its method from `client/` (its saved tensors, description and
+the run's config, data paths included but never read).
+"""
 
 
 def save_peft(model: PeftModel, cfg: Config, folder: Path) -> None:
@@ -277,8 +309,8 @@ def _doc(saved: SavedClient, kind: Kind) -> dict[str, object]:
         "quantization": saved.cfg.model.quantization,
         "prompt_format": saved.cfg.data.prompt_format,
         "source": {
-            "run": str(saved.run.path.resolve()),
-            "run_id": saved.run.run_id,
+            "run": str(saved.origin.resolve()),
+            "run_id": saved.run_id,
             "method": saved.method.name,
             "client": saved.client_id,
             "round": saved.doc.get("round"),
@@ -334,7 +366,7 @@ def _load_call(cfg: Config) -> str:
 def _header(saved: SavedClient, what: str) -> str:
     return (
         f"# {saved.method.name} client {saved.client_id}: {what}\n\n"
-        f"Exported by fedamole {fedamole_version()} from run `{saved.run.path}`. "
+        f"Exported by fedamole {fedamole_version()} from run `{saved.origin}`. "
         f"{_base_note(saved.cfg)}{_quantization_note(saved.cfg)}\n"
     )
 

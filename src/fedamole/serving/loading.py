@@ -47,6 +47,9 @@ MODEL_FILE = "fedamole_model.json"  # in every export: what it is and where it c
 MIXING_FILE = "mixing.json"  # how a model with several adapters mixes them (its method's rule)
 ADAPTER_WEIGHTS_KEY = "adapter_weights"  # in MIXING_FILE: fixed weight per adapter, if fixed
 README = "README.md"
+# In an export whose adapters its method mixes by a learned rule (a router): the client's saved
+# model and the run's config, so `load_pretrained` rebuilds it through the method, as from a run.
+CLIENT_FOLDER = "client"
 
 
 class ExportError(UserError, ValueError):
@@ -59,19 +62,17 @@ class SavedClient:
     """A client's personalised model as a finished run saved it, checked before anything loads:
     the run, the method and the config it ran with, and the JSON that describes the model."""
 
-    run: RunDir
+    origin: Path  # the run (or the export) it was read from
+    run_id: str
     client_id: int
     method: FederatedMethod
     cfg: Config
     doc: dict[str, object]
+    folder: Path  # where its tensors and its description are
 
     @property
     def name(self) -> str:
-        return f"{self.method.name} client {self.client_id} of {self.run.path}"
-
-    @property
-    def folder(self) -> Path:
-        return self.run.client_folder(self.client_id)
+        return f"{self.method.name} client {self.client_id} of {self.origin}"
 
     def weights(self) -> StateDict:
         """The saved tensors, read from the run each time (nothing keeps a copy)."""
@@ -106,7 +107,8 @@ def open_saved_client(run_dir: Path, client_id: int, device: str | None = None) 
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise RunDirError(_kept_on_node(run, client_id, method, description))
     cfg = _on_device(method.configure(run.config()), device)
-    return SavedClient(run, client_id, method, cfg, json.loads(description.read_text()))
+    doc = json.loads(description.read_text())
+    return SavedClient(run.path, run.run_id, client_id, method, cfg, doc, folder)
 
 
 def _on_device(cfg: Config, device: str | None) -> Config:
@@ -199,6 +201,9 @@ def load_pretrained(path: Path, base_model: str | None = None, device: str = "au
     ``base_model`` replaces the recorded base (another folder or hub id of the same weights)."""
     folder = Path(path)
     doc = read_export(folder)
+    if CLIENT_FOLDER in doc:
+        saved = exported_client(folder, doc, base_model, device)
+        return client_model(saved, rebuild(saved))
     cfg = _base_config(doc, base_model, device, folder)
     name = f"{doc['source']['method']} client {doc['source']['client']} exported to {folder}"
     if doc["kind"] == "hmole":
@@ -221,6 +226,26 @@ def load_pretrained(path: Path, base_model: str | None = None, device: str = "au
         return [(handle.mixing(weights), list(range(len(examples))))]
 
     return ClientModel(model, _prompter(tokenizer, doc), name, at_fixed_weights)
+
+
+def exported_client(folder: Path, doc: dict, base_model: str | None, device: str) -> SavedClient:
+    """The saved client an export carries (see :data:`CLIENT_FOLDER`), checked as a run's is."""
+    saved = folder / doc[CLIENT_FOLDER]
+    method = get_method(doc["source"]["method"])
+    cfg = method.configure(RunDir(saved).config())
+    if base_model is not None:
+        cfg.model.name = base_model
+    description = json.loads(read_utf8(saved / method.client_model_file))
+    source = doc["source"]
+    return SavedClient(
+        folder,
+        source["run_id"],
+        source["client"],
+        method,
+        _on_device(cfg, device),
+        description,
+        saved,
+    )
 
 
 def _fixed_weights(folder: Path) -> dict[str, float]:
