@@ -22,6 +22,7 @@ from pydantic import (
 
 from fedamole.errors import UserError
 from fedamole.files import TextFileError, read_utf8
+from fedamole.types import WireDtype
 
 PromptFormat = Literal["auto", "chat", "alpaca"]
 
@@ -120,16 +121,10 @@ class HMoLEConfig(_Section):
         default_factory=lambda: ["q_proj", "v_proj"]
     )
     num_experts: int = Field(8, ge=1, description="N_e domain experts per adapted module")
-    rank: int = Field(8, description="LoRA rank r")
+    rank: int = Field(8, gt=0, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     top_k: int = Field(2, ge=1)
-
-    @model_validator(mode="after")
-    def _positive_rank(self) -> HMoLEConfig:
-        if self.rank <= 0:
-            raise ValueError(f"hmole.rank must be a positive integer, got {self.rank}")
-        return self
 
 
 class FederationConfig(_Section):
@@ -142,7 +137,7 @@ class FederationConfig(_Section):
         None,
         description="clients sampled each round: a count (2), a fraction (0.5) or None for all",
     )
-    wire_dtype: Literal["float32", "bfloat16"] = Field(
+    wire_dtype: WireDtype = Field(
         "float32", description="dtype of the weights that travel between server and clients"
     )
 

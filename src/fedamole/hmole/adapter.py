@@ -217,8 +217,6 @@ def inject_hmole(
     top_k: int = 2,
 ) -> HMoLEAdapter:
     """Freeze ``model`` and replace each target linear with an :class:`HMoLELinear` in place."""
-    if rank <= 0:
-        raise ValueError(f"hmole.rank must be a positive integer, got {rank}")
     targets = resolve_targets(
         model, list(target_modules) if not isinstance(target_modules, str) else target_modules
     )
