@@ -32,7 +32,7 @@ def test_one_client_at_a_time_methods_and_exports_answer_as_generate(runs, tmp_p
             for i, p in enumerate(PROMPTS)
         ]
         for row in rows:
-            row.prompt_ids = pool.prompter(row.model).prompt_ids(row.example)
+            row.prompt_ids = pool.prompter(row.served).prompt_ids(row.example)
         assert [a.text for a in pool.answer(rows)] == expected
         assert len(pool.resident.loaded) == (4 if max_loaded is None else 1)
 

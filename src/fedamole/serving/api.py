@@ -532,7 +532,7 @@ def _envelope(job: _Job, meta: _Meta, kind: str, choices: list[dict]) -> dict[st
         "id": meta.id,
         "object": kind,
         "created": meta.created,
-        "model": job.row.model,
+        "model": job.row.served,
         "choices": choices,
     }
 

@@ -68,7 +68,7 @@ class ContinuousBatch:
 
     def clients(self) -> set[str]:
         """The clients of the running rows."""
-        return {slot.row.model for slot in self.slots}
+        return {slot.row.served for slot in self.slots}
 
     def takes(self, rows: list[DecodeRow]) -> list[bool]:
         """Which of ``rows``, in order, can join now without the batch holding more than
@@ -76,10 +76,10 @@ class ContinuousBatch:
         clients, fits = self.clients(), []
         for row in rows:
             fits.append(
-                row.model in clients or self.max_clients is None or len(clients) < self.max_clients
+                row.served in clients or self.max_clients is None or len(clients) < self.max_clients
             )
             if fits[-1]:
-                clients.add(row.model)
+                clients.add(row.served)
         return fits
 
     @torch.no_grad()
@@ -140,7 +140,7 @@ class ContinuousBatch:
         positions: Tensor,
         cache: DynamicCache | None,
     ) -> tuple[Tensor, DynamicCache]:
-        with self.rows([s.row.model for s in slots]) as extra:
+        with self.rows([s.row.served for s in slots]) as extra:
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,

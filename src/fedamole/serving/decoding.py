@@ -48,13 +48,14 @@ class Sampling:
 
 @dataclass
 class DecodeRow:
-    """One request to decode: the served model's name, its prompt's token ids and how to end.
+    """One request to decode: the served model's name (``served``: the API's ``model``), its
+    prompt's token ids and how to end.
 
     ``example`` is the request as an instruction when it is one (a single user message), for the
     answer rules that read the prompt (FedDPA's mix); ``on_text`` receives each new piece of
     the answer as it is decoded (streaming)."""
 
-    model: str
+    served: str
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)

@@ -181,7 +181,7 @@ class RunPool:
 
     def answer(self, rows: list[DecodeRow]) -> list[DecodeResult]:
         if self.per_row:  # each row on its client's kept adapter, all in one generate
-            with self._rows([row.model for row in rows]) as extra:
+            with self._rows([row.served for row in rows]) as extra:
                 return decode_batch(self.handle.model, self._prompter, rows, extra)
         return one_model_at_a_time(rows, self._answering)
 
@@ -252,8 +252,8 @@ def one_model_at_a_time(
     """Each model's rows in turn, under its answer rule's groups; ``answering(name)`` makes the
     model ready (restores a client) and says how it answers."""
     results: dict[int, DecodeResult] = {}
-    for name in dict.fromkeys(row.model for row in rows):
-        members = [i for i, row in enumerate(rows) if row.model == name]
+    for name in dict.fromkeys(row.served for row in rows):
+        members = [i for i, row in enumerate(rows) if row.served == name]
         model, prompter, rule = answering(name)
         for context, group in rule([rows[i].example or _RAW_PROMPT for i in members]):
             with context:
