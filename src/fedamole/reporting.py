@@ -1,5 +1,5 @@
 """The run directory's one owner: every file name, atomic writes, metric records, the summary and
-the plots. Nothing else in the package writes into a run directory.
+the plots, and the tables a run prints. Nothing else in the package writes into a run directory.
 
 ```
 runs/<name>/
@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 from fedamole.checkpoint import (  # noqa: E402
     Checkpoint,
@@ -554,3 +555,44 @@ def plot_diagnostics(path: Path, server: list[Record]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- tables
+def round_table(round_idx: int, metrics: dict[int, Metrics]) -> Table:
+    table = Table(title=f"round {round_idx}")
+    first = next(iter(metrics.values()))
+    names = sorted(k for k in first if k.startswith(("val_", "test_")) and "num_examples" not in k)
+    for column in ("client", "train_loss", *names):
+        table.add_column(column, justify="right")
+    for client, values in metrics.items():
+        table.add_row(
+            str(client),
+            f"{values.get('train_loss', float('nan')):.3f}",
+            *(f"{values.get(n, float('nan')):.3f}" for n in names),
+        )
+    return table
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    metric = summary["metric"]
+    base = summary.get("base_model", {})
+    table = Table(title=f"final per-client test {metric} (last round / validation-selected round)")
+    columns = ["client", "last", "selected", "selected round"]
+    for column in columns + (["base model", "selected - base"] if base else []):
+        table.add_column(column, justify="right")
+    for cid, values in summary["per_client"].items():
+        selected = values["selected"][metric]
+        cells = [cid, f"{values['last'][metric]:.4f}", f"{selected:.4f}"]
+        cells.append(str(values["selected"]["round"]))
+        if base:
+            cells += [f"{base[cid][metric]:.4f}", f"{selected - base[cid][metric]:+.4f}"]
+        table.add_row(*cells)
+    mean = summary["mean"]["selected"][metric]
+    cells = ["mean", f"{summary['mean']['last'][metric]:.4f}", f"{mean:.4f}", ""]
+    if base:
+        base_mean = sum(b[metric] for b in base.values()) / len(base)
+        cells += [f"{base_mean:.4f}", f"{mean - base_mean:+.4f}"]
+    table.add_row(*cells)
+    best = summary["best_round"]
+    table.add_row(f"best mean-val round {best['round']}", "", f"{best[metric]:.4f}", "")
+    return table

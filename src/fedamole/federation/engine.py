@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from rich.console import Console
-from rich.table import Table
 
 from fedamole.checkpoint import Checkpoint
 from fedamole.config import Config
@@ -30,8 +29,10 @@ from fedamole.reporting import (
     RunDir,
     example_score_rows,
     metric_records,
+    round_table,
     server_record,
     summarise,
+    summary_table,
 )
 from fedamole.types import (
     ClientEvaluation,
@@ -247,43 +248,3 @@ class Engine:
             self.run_dir.save_client_model(
                 c, reply.personal_model, self.method.client_model_file, doc
             )
-
-
-def round_table(round_idx: int, metrics: dict[int, Metrics]) -> Table:
-    table = Table(title=f"round {round_idx}")
-    first = next(iter(metrics.values()))
-    names = sorted(k for k in first if k.startswith(("val_", "test_")) and "num_examples" not in k)
-    for column in ("client", "train_loss", *names):
-        table.add_column(column, justify="right")
-    for client, values in metrics.items():
-        table.add_row(
-            str(client),
-            f"{values.get('train_loss', float('nan')):.3f}",
-            *(f"{values.get(n, float('nan')):.3f}" for n in names),
-        )
-    return table
-
-
-def summary_table(summary: dict[str, Any]) -> Table:
-    metric = summary["metric"]
-    base = summary.get("base_model", {})
-    table = Table(title=f"final per-client test {metric} (last round / validation-selected round)")
-    columns = ["client", "last", "selected", "selected round"]
-    for column in columns + (["base model", "selected - base"] if base else []):
-        table.add_column(column, justify="right")
-    for cid, values in summary["per_client"].items():
-        selected = values["selected"][metric]
-        cells = [cid, f"{values['last'][metric]:.4f}", f"{selected:.4f}"]
-        cells.append(str(values["selected"]["round"]))
-        if base:
-            cells += [f"{base[cid][metric]:.4f}", f"{selected - base[cid][metric]:+.4f}"]
-        table.add_row(*cells)
-    mean = summary["mean"]["selected"][metric]
-    cells = ["mean", f"{summary['mean']['last'][metric]:.4f}", f"{mean:.4f}", ""]
-    if base:
-        base_mean = sum(b[metric] for b in base.values()) / len(base)
-        cells += [f"{base_mean:.4f}", f"{mean - base_mean:+.4f}"]
-    table.add_row(*cells)
-    best = summary["best_round"]
-    table.add_row(f"best mean-val round {best['round']}", "", f"{best[metric]:.4f}", "")
-    return table
