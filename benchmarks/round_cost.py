@@ -60,7 +60,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "adapter swap (load a client's tensors)": [
         ("hmole/adapter.py", "set_architecture"),
         ("hmole/adapter.py", "load_state"),
-        ("methods/lora.py", "load"),
+        ("methods/peft_method.py", "load"),
     ],
     "checkpoint, records, plots": [
         ("fedamole/reporting.py", name)

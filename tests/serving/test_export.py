@@ -23,7 +23,7 @@ from fedamole.federation.training import fixed_batches
 from fedamole.hmole.fold import mean_routing_weights
 from fedamole.hmole.keys import expert_key, shared_key
 from fedamole.methods.feddpa import GLOBAL, LOCAL
-from fedamole.methods.lora import LoraHandle
+from fedamole.methods.peft_method import LoraHandle
 from fedamole.models import load_base_model
 from fedamole.serving.export import export_client
 from fedamole.serving.loading import ExportError, client_data, open_saved_client, rebuild

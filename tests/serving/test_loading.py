@@ -21,7 +21,7 @@ from fedamole.data.pipeline import prepare_client_splits
 from fedamole.evaluation import exact_match_scores, fitting_indices, rouge_l_scores
 from fedamole.methods import METHODS
 from fedamole.methods.fdlora import FUSION_KEY, GLOBAL, PERSONAL
-from fedamole.methods.lora import LoraHandle
+from fedamole.methods.peft_method import LoraHandle
 from fedamole.reporting import RunDir, RunDirError
 from fedamole.serving import ClientModel, export_client, load_client_model
 from fedamole.serving.loading import ExportError

@@ -23,7 +23,8 @@ from fedamole.methods.fedlease import FedLEASE
 from fedamole.methods.fedprompt import FedPrompt
 from fedamole.methods.fedptuning import fedptuning
 from fedamole.methods.fedsa_lora import fedsa_lora
-from fedamole.methods.lora import PeftMethod, fedit, fedit_ft, ffa_lora, local
+from fedamole.methods.lora import fedit, fedit_ft, ffa_lora, local
+from fedamole.methods.peft_method import PeftMethod
 
 METHODS: dict[str, Callable[[], FederatedMethod]] = {
     "local": local,

@@ -46,7 +46,7 @@ from fedamole.config import BaselinesConfig, Config
 from fedamole.data.tokenize import collate
 from fedamole.device import autocast, model_device
 from fedamole.federation.training import StepCallback, to_device
-from fedamole.methods.lora import AdapterHandle, PeftMethod, PeftRuntime, Phase, adapter_key
+from fedamole.methods.peft_method import AdapterHandle, PeftMethod, PeftRuntime, Phase, adapter_key
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,

@@ -54,7 +54,7 @@ from fedamole.aggregation import aggregate
 from fedamole.config import Config, ConfigError, HMoLEConfig
 from fedamole.data.pipeline import ClientDataset
 from fedamole.federation.training import StepCallback
-from fedamole.methods.lora import (
+from fedamole.methods.peft_method import (
     AdapterHandle,
     LoraHandle,
     PeftMethod,

@@ -32,7 +32,7 @@ from torch import Tensor
 from fedamole.data.example import Example
 from fedamole.device import model_device
 from fedamole.federation.method import AnswerGroup
-from fedamole.methods.lora import PeftMethod, PeftRuntime, Phase, adapter_key
+from fedamole.methods.peft_method import PeftMethod, PeftRuntime, Phase, adapter_key
 
 GLOBAL, LOCAL = "global", "local"
 TRAIN_MIX = 0.5  # weight of each adapter while the local adapter trains

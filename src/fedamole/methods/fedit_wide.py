@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from fedamole.config import Config
 from fedamole.hmole.adapter import linear_shapes
-from fedamole.methods.lora import PeftMethod, every_key, lora_config, train_single
+from fedamole.methods.peft_method import PeftMethod, every_key, lora_config, train_single
 
 
 def fedamole_mean_trainable(cfg: Config, shapes: list[tuple[int, int]]) -> float:

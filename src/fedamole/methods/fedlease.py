@@ -67,7 +67,7 @@ from fedamole.federation.method import (
 )
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
 from fedamole.hmole.layer import lora_uniform_
-from fedamole.methods.lora import DEFAULT, LoraHandle, _flat_parameters, lora_config
+from fedamole.methods.peft_method import DEFAULT, LoraHandle, flat_parameters, lora_config
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,
@@ -201,7 +201,7 @@ class LeaseHandle(LoraHandle):
         self.model.delete_adapter(DEFAULT)
         self.model.train(self.model.training)  # new dropout modules take the model's mode
         self.adapters = (*experts, ROUTER)
-        self.params = _flat_parameters(self.model, self.adapters, _kept)
+        self.params = flat_parameters(self.model, self.adapters, _kept)
 
     def fresh_router(self, seed: int) -> StateDict:
         """A router drawn from ``seed``: LoRA's (and nn.Linear's) Kaiming-uniform init."""

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedamole.config import Config
 from fedamole.device import model_device
-from fedamole.methods.lora import DEFAULT, AdapterHandle, PeftMethod, every_key, train_single
+from fedamole.methods.peft_method import DEFAULT, AdapterHandle, PeftMethod, every_key, train_single
 
 PromptConfigFactory = Callable[[Config, PreTrainedModel], PromptLearningConfig]
 

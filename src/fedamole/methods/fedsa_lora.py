@@ -14,7 +14,7 @@ Flower the personalised model stays on the organisation's node.
 
 from __future__ import annotations
 
-from fedamole.methods.lora import PeftMethod, every_key, train_single
+from fedamole.methods.peft_method import PeftMethod, every_key, train_single
 
 
 def lora_a_key(key: str) -> bool:

@@ -38,7 +38,7 @@ from fedamole.federation.method import (
 from fedamole.files import read_utf8
 from fedamole.methods import get_method
 from fedamole.methods.fedamole import build_hmole_model
-from fedamole.methods.lora import LoraHandle
+from fedamole.methods.peft_method import LoraHandle
 from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, CONFIG_FILE, RunDir, RunDirError
 from fedamole.serving.personalised import ClientModel
 from fedamole.types import StateDict
