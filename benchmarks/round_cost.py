@@ -53,7 +53,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "model set-up (load, inject adapters)": [("transports/setup.py", "build_clients")],
     "base-model scores (eval.base_model)": [("transports/in_process.py", "base_model_scores")],
     "local training steps": [("federation/training.py", "train_steps")],
-    "validation + test scoring": [("federation/method.py", "evaluate_client")],
+    "validation + test scoring": [("federation/client.py", "evaluate_client")],
     "RSEA embeddings (client)": [("rsea/embeddings.py", "compute_embeddings")],
     "server: RSEA solve + diagnostics": [("methods/fedamole.py", "complete_round")],
     "server: aggregation": [("fedamole/aggregation.py", "aggregate")],

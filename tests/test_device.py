@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from fedamole.cli import app
 from fedamole.config import ConfigError, load_config
 from fedamole.device import DeviceError, autocast, resolve_device
-from fedamole.federation.method import build_base_model
-from fedamole.models import load_base_model
+from fedamole.models import build_base_model, load_base_model
 from fedamole.transports.in_process import run_in_process
 
 TINY = [*TINY_RUN, "eval.max_new_tokens=2"]

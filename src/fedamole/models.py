@@ -22,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedamole.device import DTYPES, resolve_dtype
+from fedamole.config import Config
+from fedamole.device import DTYPES, resolve_device, resolve_dtype
 from fedamole.errors import UserError
 from fedamole.quantization import Quantization, quantize_backbone
 
@@ -300,3 +301,18 @@ def prepends_virtual_tokens(model: torch.nn.Module) -> bool:
     continuation fed after a cached prompt would get them a second time."""
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and config.is_prompt_learning)
+
+
+def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The configured frozen backbone on its device, dtype and quantisation, with gradient
+    checkpointing if asked (activations recomputed in backward: for models that do not fit
+    otherwise)."""
+    model, tokenizer = load_base_model(
+        cfg.model.name,
+        cfg.model.dtype,
+        resolve_device(cfg.model.device),
+        cfg.model.quantization,
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer

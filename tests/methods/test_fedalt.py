@@ -11,8 +11,8 @@ from test_methods import TINY, Federation, federation  # sibling module: the sam
 from tiny_run import TINY_RUN
 
 from fedamole.config import ConfigError, load_config
-from fedamole.federation.method import build_base_model
 from fedamole.methods.fedalt import LOCAL, ROUTER, ROW, FedALT, RoutedLoraHandle
+from fedamole.models import build_base_model
 from fedamole.serving import export_client, load_client_model
 from fedamole.serving.personalised import request_examples
 from fedamole.transports.in_process import run_in_process

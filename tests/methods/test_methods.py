@@ -12,7 +12,8 @@ from tiny_run import TINY_RUN
 from fedamole.config import Config, load_config
 from fedamole.data.pipeline import encode_client, prepare_client_splits
 from fedamole.data.prompts import build_prompter
-from fedamole.federation.method import ClientRuntime, FederatedMethod, score_split
+from fedamole.federation.client import score_split
+from fedamole.federation.method import ClientRuntime, FederatedMethod
 from fedamole.methods import get_method
 from fedamole.methods.fedamole import rsea_architectures
 from fedamole.methods.feddpa import MAX_LOCAL_WEIGHT, local_weights

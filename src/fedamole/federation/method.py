@@ -21,31 +21,20 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedamole.config import Config
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.device import autocast, model_device, resolve_device
-from fedamole.evaluation import (
-    SplitScores,
-    fitting_indices,
-    score_examples,
-    split_metric_names,
-    split_metrics,
-)
 from fedamole.federation.training import StepCallback
-from fedamole.models import load_base_model
 from fedamole.types import (
     Architecture,
     ClientEvaluation,
     ClientPayload,
     ClientUpdate,
-    ExampleScores,
     Metrics,
     ServerState,
     StateDict,
-    split_metric,
 )
 
 
@@ -97,66 +86,6 @@ class ClientRuntime(Generic[H]):
 
 # Indices of examples answered together under one context (e.g. a LoRA mix of adapter weights).
 AnswerGroup = tuple[AbstractContextManager[object], list[int]]
-
-
-def build_base_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The configured frozen backbone on its device, dtype and quantisation, with gradient
-    checkpointing if asked (activations recomputed in backward: for models that do not fit
-    otherwise)."""
-    model, tokenizer = load_base_model(
-        cfg.model.name,
-        cfg.model.dtype,
-        resolve_device(cfg.model.device),
-        cfg.model.quantization,
-    )
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
-
-
-def score_split(
-    method: FederatedMethod[H], runtime: ClientRuntime[H], examples: list[Example]
-) -> SplitScores:
-    """The client's model as its method answers (:meth:`FederatedMethod.answer_groups`) on one
-    split; examples too long for the model are skipped, as in training."""
-    cfg, data = runtime.cfg, runtime.data
-    indices = fitting_indices(data.prompter, examples, cfg.model.max_length)
-    kept = [examples[i] for i in indices]
-    names = split_metric_names(data.classification)
-    values = {name: [0.0] * len(kept) for name in names}
-    for context, members in method.answer_groups(runtime, kept):
-        with context:
-            scores = score_examples(
-                runtime.handle.model,
-                data.prompter,
-                [kept[i] for i in members],
-                cfg.eval,
-                classification=data.classification,
-            )
-        for name in names:
-            for i, value in zip(members, scores[name], strict=True):
-                values[name][i] = value
-    return SplitScores(data.classification, values, indices)
-
-
-def evaluate_client(
-    method: FederatedMethod[H], runtime: ClientRuntime[H]
-) -> tuple[Metrics, ExampleScores]:
-    """The client's current model on its validation and test splits, as ``val_*``/``test_*``
-    means and per-example scores (in the split's order, so runs on the same data pair up),
-    under the configured mixed precision."""
-    model = runtime.handle.model
-    with autocast(model_device(model), runtime.cfg.optim.mixed_precision):
-        scores = {
-            split: score_split(method, runtime, getattr(runtime.data.splits, split))
-            for split in ("val", "test")
-        }
-    per_example = {
-        split_metric(split, name): values
-        for split, split_scores in scores.items()
-        for name, values in split_scores.values.items()
-    }
-    return split_metrics(scores), per_example
 
 
 class FederatedMethod(ABC, Generic[H]):

@@ -20,12 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from fedamole.aggregation import aggregate
 from fedamole.config import Config
 from fedamole.data.partition import client_groups
-from fedamole.federation.method import (
-    ClientRuntime,
-    FederatedMethod,
-    build_base_model,
-    evaluate_client,
-)
+from fedamole.federation.client import evaluate_client
+from fedamole.federation.method import ClientRuntime, FederatedMethod
 from fedamole.federation.training import (
     StepCallback,
     fixed_batches,
@@ -35,6 +31,7 @@ from fedamole.federation.training import (
 )
 from fedamole.hmole import HMoLEAdapter, inject_hmole
 from fedamole.hmole.keys import router_key, state_keys
+from fedamole.models import build_base_model
 from fedamole.rsea.diagnostics import (
     assignment_diagnostics,
     holder_preference,

@@ -58,16 +58,12 @@ from fedamole.aggregation import aggregate
 from fedamole.config import Config, ConfigError, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.federation.method import (
-    AnswerGroup,
-    ClientRuntime,
-    FederatedMethod,
-    build_base_model,
-    evaluate_client,
-)
+from fedamole.federation.client import evaluate_client
+from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
 from fedamole.hmole.layer import lora_uniform_
 from fedamole.methods.peft_method import DEFAULT, LoraHandle, flat_parameters, lora_config
+from fedamole.models import build_base_model
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,

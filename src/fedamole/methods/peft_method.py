@@ -27,15 +27,10 @@ from fedamole.aggregation import aggregate
 from fedamole.config import Config, HMoLEConfig
 from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
-from fedamole.federation.method import (
-    AnswerGroup,
-    ClientRuntime,
-    FederatedMethod,
-    PerRowHandle,
-    build_base_model,
-    evaluate_client,
-)
+from fedamole.federation.client import evaluate_client
+from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod, PerRowHandle
 from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
+from fedamole.models import build_base_model
 from fedamole.types import (
     ClientEvaluation,
     ClientPayload,

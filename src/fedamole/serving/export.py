@@ -39,12 +39,11 @@ from fedamole.data.example import Example
 from fedamole.data.prompts import Prompter
 from fedamole.device import autocast, model_device
 from fedamole.evaluation import evaluate_examples
-from fedamole.federation.method import build_base_model
 from fedamole.federation.training import fixed_batches
 from fedamole.files import atomic_write_text
 from fedamole.hmole.fold import fold_static_lora, mean_routing_weights
 from fedamole.methods.peft_method import lora_config
-from fedamole.models import DEFAULT_MODEL, TINY_MODEL
+from fedamole.models import DEFAULT_MODEL, TINY_MODEL, build_base_model
 from fedamole.reporting import ADAPTER_WEIGHTS, CONFIG_FILE
 from fedamole.serving.loading import (
     ADAPTER_WEIGHTS_KEY,

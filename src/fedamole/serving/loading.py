@@ -28,17 +28,12 @@ from fedamole.data.pipeline import ClientDataset, encode_client, prepare_client_
 from fedamole.data.prompts import Prompter, build_prompter
 from fedamole.data.splits import ClientSplits
 from fedamole.errors import UserError
-from fedamole.federation.method import (
-    AnswerGroup,
-    ClientRuntime,
-    FederatedMethod,
-    ModelHandle,
-    build_base_model,
-)
+from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod, ModelHandle
 from fedamole.files import read_utf8
 from fedamole.methods import get_method
 from fedamole.methods.fedamole import build_hmole_model
 from fedamole.methods.peft_method import LoraHandle
+from fedamole.models import build_base_model
 from fedamole.reporting import ADAPTER_WEIGHTS, CLIENTS, CONFIG_FILE, RunDir, RunDirError
 from fedamole.serving.personalised import ClientModel
 from fedamole.types import StateDict
