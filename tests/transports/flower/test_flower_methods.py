@@ -34,7 +34,7 @@ from fedamole.transports.flower.server_app import run_federation
 from fedamole.transports.flower.settings import FlowerSettings
 from fedamole.transports.in_process import run_in_process
 
-CLIENTS = 3
+CLIENTS = 2
 TINY = [*TINY_RUN, f"federation.num_clients={CLIENTS}", "federation.rounds=2"]
 REPLIES = {"train": train_reply, "evaluate": evaluate_reply}
 
