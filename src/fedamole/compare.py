@@ -450,13 +450,14 @@ def plot_comparison(path: Path, result: dict[str, Any]) -> None:
 
 def plot_curves(path: Path, result: dict[str, Any]) -> None:
     """Every method's mean test metric per round, in one plot."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in result["curves"].items():
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    colors = plt.get_cmap("tab20").colors  # up to 20 methods, each its own colour
+    for i, (name, curve) in enumerate(result["curves"].items()):
         style = "-" if name in FEDAMOLE_VARIANTS else "--"
-        ax.plot(range(len(curve)), curve, style, marker="o", label=name)
+        ax.plot(range(len(curve)), curve, style, marker="o", label=name, color=colors[i % 20])
     ax.set(xlabel="round", ylabel=f"mean test {result['metric']}", title="per-round test metric")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
