@@ -60,9 +60,15 @@ from fedamole.data.example import Example
 from fedamole.data.pipeline import ClientDataset
 from fedamole.federation.client import evaluate_client
 from fedamole.federation.method import AnswerGroup, ClientRuntime, FederatedMethod
-from fedamole.federation.training import StepCallback, round_seed, shuffled_batches, train_steps
+from fedamole.federation.training import StepCallback, round_seed
 from fedamole.hmole.layer import lora_uniform_
-from fedamole.methods.peft_method import DEFAULT, LoraHandle, flat_parameters, lora_config
+from fedamole.methods.peft_method import (
+    DEFAULT,
+    LoraHandle,
+    flat_parameters,
+    lora_config,
+    train_adapters,
+)
 from fedamole.models import build_base_model
 from fedamole.types import (
     ClientEvaluation,
@@ -379,13 +385,13 @@ class FedLEASE(FederatedMethod[LeaseHandle]):
         if CLUSTER_KEY in payload.weights:
             own = self._load_experts(payload, runtime)
             mine = f"{expert(own)}/"
-            loss = self._train(runtime, handle.routing(own), payload, on_step, mine, ROUTER)
+            loss = _train(runtime, handle.routing(own), payload, on_step, mine, ROUTER)
             trained = handle.state()
             upload = {k: v for k, v in trained.items() if k.startswith(mine)}
             runtime.private |= {k: v for k, v in trained.items() if k.startswith(f"{ROUTER}/")}
         else:
             handle.load(runtime.private)
-            loss = self._train(runtime, handle.mixing({DEFAULT: 1.0}), payload, on_step, DEFAULT)
+            loss = _train(runtime, handle.mixing({DEFAULT: 1.0}), payload, on_step, DEFAULT)
             runtime.private = handle.state()
             shared = self.clusters_after(runtime.cfg, payload.round)
             upload = dict(runtime.private) if shared else {}
@@ -408,36 +414,6 @@ class FedLEASE(FederatedMethod[LeaseHandle]):
         runtime.private = {**router, CLUSTER_KEY: payload.weights[CLUSTER_KEY]}
         handle.load({**router, **payload.weights})
         return own
-
-    @staticmethod
-    def _train(
-        runtime: LeaseRuntime,
-        context: AbstractContextManager[object],
-        payload: ClientPayload,
-        on_step: StepCallback | None,
-        *trained: str,
-    ) -> float:
-        """Local steps on the tensors whose key starts with one of ``trained``, under
-        ``context`` (the adapters as the client's model runs them), on the shared batches."""
-        cfg = runtime.cfg
-        seed = round_seed(cfg.seed, payload.round, runtime.data.client_id)
-        torch.manual_seed(seed)  # dropout
-        generator = torch.Generator().manual_seed(seed)
-        with context:
-            return train_steps(
-                runtime.handle.model,
-                runtime.handle.trainable(lambda key: key.startswith(trained)),
-                shuffled_batches(
-                    runtime.data.train,
-                    cfg.federation.batch_size,
-                    runtime.tokenizer.pad_token_id,
-                    generator,
-                ),
-                cfg.federation.local_steps,
-                payload.lr,
-                cfg.optim,
-                on_step=on_step,
-            )
 
     def evaluate(self, payload: ClientPayload, runtime: LeaseRuntime) -> ClientEvaluation:
         """The averaged experts with the client's router (its own LoRA in the warm-up)."""
@@ -484,3 +460,19 @@ def _as_expert(weights: StateDict, cluster: int) -> StateDict:
     """Warm-up LoRA tensors under expert ``cluster``'s keys."""
     prefix = f"{DEFAULT}/"
     return {f"{expert(cluster)}/{k.removeprefix(prefix)}": v for k, v in weights.items()}
+
+
+def _train(
+    runtime: LeaseRuntime,
+    context: AbstractContextManager[object],
+    payload: ClientPayload,
+    on_step: StepCallback | None,
+    *trained: str,
+) -> float:
+    """The round's local steps on the tensors whose key starts with one of ``trained``."""
+    seed = round_seed(runtime.cfg.seed, payload.round, runtime.data.client_id)
+
+    def rule(key: str) -> bool:
+        return key.startswith(trained)
+
+    return train_adapters(runtime, context, rule, payload.lr, seed, on_step)

@@ -14,7 +14,7 @@ FDLoRA, FedDPA, FedSA-LoRA, FedALT and fedit-wide are rules on this class.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -326,25 +326,9 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
         seed: int,
         on_step: StepCallback | None,
     ) -> float:
-        """One phase, on the same seeded batches and dropout as every other method."""
-        cfg = runtime.cfg
-        torch.manual_seed(seed)  # dropout
-        generator = torch.Generator().manual_seed(seed)
-        with runtime.handle.mixing(phase.weights):
-            return train_steps(
-                runtime.handle.model,
-                runtime.handle.trainable(phase.trains),
-                shuffled_batches(
-                    runtime.data.train,
-                    cfg.federation.batch_size,
-                    runtime.tokenizer.pad_token_id,
-                    generator,
-                ),
-                cfg.federation.local_steps,
-                lr,
-                cfg.optim,
-                on_step=on_step,
-            )
+        """One phase: its adapters at their weights, the tensors it trains."""
+        mixing = runtime.handle.mixing(phase.weights)
+        return train_adapters(runtime, mixing, phase.trains, lr, seed, on_step)
 
     def _evaluate(self, runtime: PeftRuntime) -> tuple[Metrics, dict[str, list[float]]]:
         return evaluate_client(self, runtime)
@@ -354,6 +338,37 @@ class PeftMethod(FederatedMethod[AdapterHandle]):
         runtime.handle.load({**runtime.private, **payload.weights})
         metrics, scores = self._evaluate(runtime)
         return ClientEvaluation(runtime.data.client_id, metrics, scores)
+
+
+def train_adapters(
+    runtime: ClientRuntime,
+    context: AbstractContextManager[object],
+    trains: KeyRule,
+    lr: float,
+    seed: int,
+    on_step: StepCallback | None,
+) -> float:
+    """Local steps on the adapter tensors ``trains`` picks, under ``context`` (the adapters as
+    the client's model runs them), on the same seeded batches and dropout as every other
+    method; the mean loss."""
+    cfg = runtime.cfg
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    with context:
+        return train_steps(
+            runtime.handle.model,
+            runtime.handle.trainable(trains),
+            shuffled_batches(
+                runtime.data.train,
+                cfg.federation.batch_size,
+                runtime.tokenizer.pad_token_id,
+                generator,
+            ),
+            cfg.federation.local_steps,
+            lr,
+            cfg.optim,
+            on_step=on_step,
+        )
 
 
 def train_single(trains: KeyRule) -> tuple[Phase, ...]:
